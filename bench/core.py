@@ -34,9 +34,9 @@ from pathlib import Path
 
 import torch
 
-from stages.common import write_json
-from stages.core import build_rows, load_bundle, prepare_items, score_rows
-from stages.runtime import Runtime
+from nanoforge.common import write_json
+from nanoforge.evaluation.core import build_rows, load_bundle, prepare_items, score_rows
+from nanoforge.runtime import Runtime
 
 REAL_BUNDLE = Path("/work/shared/data/eval_bundle")
 SAMPLE_DIR = Path("/work/shared/data/fineweb_sample")
@@ -45,11 +45,11 @@ RESULTS = Path("bench/results/core.json")
 
 
 def tokenizer(vocab_size: int):
-    from stages.bpe import train_bpe
+    from nanoforge.tokenizer.bpe import train_bpe
 
     files = sorted(SAMPLE_DIR.glob("shard_*.parquet"))
     if files:
-        from stages.shards import iter_documents
+        from nanoforge.data.shards import iter_documents
 
         return train_bpe(iter_documents(files), vocab_size), f"{SAMPLE_DIR}"
     from tests.datagen import make_documents
@@ -109,11 +109,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from stages.gpt import build_model, config_for_depth
+    from nanoforge.model.gpt import build_model, config_for_depth
 
     tok, tok_source = tokenizer(args.vocab)
     torch.manual_seed(0)
-    from stages.runtime import pick_device
+    from nanoforge.runtime import pick_device
 
     device = pick_device(args.device)
     model = build_model(config_for_depth(args.depth, tok.vocab_size, args.seq), device)

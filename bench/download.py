@@ -33,10 +33,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.common import shard_name, write_json
-from stages.config import DownloadConfig
-from stages.download import Sources, download_shards
-from stages.fetch import fetch
+from nanoforge.common import shard_name, write_json
+from nanoforge.config import DownloadConfig
+from nanoforge.data.download import Sources, download_shards
+from nanoforge.data.fetch import fetch
 
 RESULTS = Path("bench/results/download.json")
 

@@ -11,7 +11,7 @@ Notable:
   splitting and counting work per character realistic, but the table of distinct
   chunks is as small as the sample's, so rustbpe's merge phase is shorter than on
   real FineWeb, which makes the stage's reading overhead look *larger*, not smaller.
-- Training: `stages.tokenizer.train_tokenizer` (parquet streaming, doc_cap, max_chars)
+- Training: `nanoforge.tokenizer.training.train_tokenizer` (parquet streaming, doc_cap, max_chars)
   against `rustbpe.Tokenizer.train_from_iterator` over the very same documents
   already in memory (as new str objects each repeat, like the stage's). Both must
   produce identical ranks; the overhead is the stage's best time over rustbpe's,
@@ -38,10 +38,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.bpe import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
-from stages.common import shard_name, write_json
-from stages.config import TokenizerConfig
-from stages.tokenizer import ReadStats, train_tokenizer, training_texts
+from nanoforge.tokenizer.bpe import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
+from nanoforge.common import shard_name, write_json
+from nanoforge.config import TokenizerConfig
+from nanoforge.tokenizer.training import ReadStats, train_tokenizer, training_texts
 
 SAMPLE_DIR = Path("/work/shared/data/fineweb_sample")
 RESULTS = Path("bench/results/tokenizer.json")

@@ -4,7 +4,7 @@
     python -m bench.train --steps 5 --no-compile   # a quick look
 
 Notable:
-- Runs the stage's own optimizer step (`stages.train.train_step`: micro-steps,
+- Runs the stage's own optimizer step (`nanoforge.training.loop.train_step`: micro-steps,
   clipping, schedules, Muon + AdamW) on the stage's own model, in this process.
   Batches are random token ids of the real shapes (the loader runs in a background
   thread in the stage and does not change these numbers).
@@ -30,12 +30,12 @@ from pathlib import Path
 
 import torch
 
-from stages.common import write_json
-from stages.config import TrainConfig
-from stages.gpt import build_model, config_for_depth
-from stages.optim import build_optimizers
-from stages.runtime import Runtime, cpu_peak_flops, peak_flops
-from stages.train import train_step
+from nanoforge.common import write_json
+from nanoforge.config import TrainConfig
+from nanoforge.model.gpt import build_model, config_for_depth
+from nanoforge.training.optim import build_optimizers
+from nanoforge.runtime import Runtime, cpu_peak_flops, peak_flops
+from nanoforge.training.loop import train_step
 
 RESULTS = Path("bench/results/train.json")
 VOCAB = 4096

@@ -33,8 +33,8 @@ from pipelines import checks, dvc_graph
 from pipelines.dvc_graph import Import, Stage
 from pipelines.metadata import stage_metadata
 from pipelines.resources import DvcResource, MlflowResource
-from stages.config import ConfigError, DownloadConfig, Params, PipelineConfig, _format_errors, parse_yaml
-from stages.tracking import PARENT_ENV, git_info
+from nanoforge.config import ConfigError, DownloadConfig, Params, PipelineConfig, _format_errors, parse_yaml
+from nanoforge.tracking import PARENT_ENV, git_info
 
 POOL = "dvc"
 DOWNLOAD, SHARDS, REMOTE = "download", "fineweb_shards", "dvc_remote"
@@ -149,7 +149,7 @@ class Step:
 
 def _check_input(project: Project, mlflow: MlflowResource) -> checks.CheckInput:
     def champion():
-        from stages.register import champion_scores
+        from nanoforge.registry import champion_scores
 
         return champion_scores(project.pipeline.registered_model, mlflow.uri)
 
@@ -293,7 +293,8 @@ def _manifest(root: Path) -> dict:
 
 
 def _download_code_version(project: Project) -> str:
-    files = [project.root / "stages" / f for f in ("download.py", "fetch.py", "shards.py", "eval_bundle.py")]
+    files = [project.root / f for f in ("stages/download.py", "nanoforge/data/download.py", "nanoforge/data/fetch.py",
+                                        "nanoforge/data/shards.py", "nanoforge/data/eval_bundle.py")]
     blob = yaml.safe_dump(project.download.model_dump(mode="json"), sort_keys=True)
     blob += "".join(hashlib.md5(f.read_bytes()).hexdigest() for f in files if f.exists())
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -328,7 +329,7 @@ def data_assets(project: Project) -> list[dg.AssetsDefinition]:
             raise
         import pyarrow.parquet as pq
 
-        from stages.common import FINEWEB_DIR, shard_name
+        from nanoforge.common import FINEWEB_DIR, shard_name
 
         rows = size = 0
         for k in keys:

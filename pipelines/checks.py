@@ -19,7 +19,7 @@ from typing import Callable
 
 import dagster as dg
 
-from stages.config import PipelineConfig
+from nanoforge.config import PipelineConfig
 
 ERROR, WARN = dg.AssetCheckSeverity.ERROR, dg.AssetCheckSeverity.WARN
 

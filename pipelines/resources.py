@@ -24,7 +24,7 @@ import dagster as dg
 from dagster._core.errors import DagsterPipesExecutionError
 from pydantic import PrivateAttr
 
-from stages import tracking
+from nanoforge import tracking
 
 # Pipes' message reader calls a "preview" API of its own on every run; not ours to fix
 warnings.filterwarnings("ignore", message=".*expected_writer_count", category=dg.PreviewWarning)

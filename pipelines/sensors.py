@@ -119,7 +119,7 @@ def _fail_parent(dagster_run_id: str, text: str) -> None:
     try:
         from mlflow.tracking import MlflowClient
 
-        from stages import tracking
+        from nanoforge import tracking
 
         client = MlflowClient(tracking_uri=tracking.tracking_uri())
         exp = client.get_experiment_by_name(tracking.EXPERIMENT)

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the project venv: dvc, torchrun, dagster live here
 
 # files a throwaway project needs to run the pipeline the way a user's clone does
-PROJECT_FILES = ["stages", "pipelines", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore"]
+PROJECT_FILES = ["nanoforge", "stages", "pipelines", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore"]
 
 
 def tool(name: str) -> str:
@@ -106,7 +106,7 @@ def make_project(root: Path, params: dict | None = None) -> Path:
 
     `params` overrides params.yaml values, as {"train.depth": 2, ...}.
     """
-    from stages.config import parse_yaml
+    from nanoforge.config import parse_yaml
     import yaml
 
     root.mkdir(parents=True, exist_ok=True)

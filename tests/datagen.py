@@ -14,8 +14,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.common import shard_name
-from stages.shards import build_manifest, write_manifest
+from nanoforge.common import shard_name
+from nanoforge.data.shards import build_manifest, write_manifest
 
 _SUBJECTS = ["the cat", "a student", "the river", "my teacher", "the old house", "a scientist", "the city", "our team"]
 _VERBS = ["sees", "builds", "remembers", "follows", "explains", "carries", "measures", "paints"]

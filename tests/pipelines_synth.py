@@ -16,8 +16,8 @@ from tests.conftest import make_project, run
 STEP = '''"""One synthetic stage: reads its params section and its input, writes outputs and metrics."""
 import json, os, sys, time
 import yaml
-from stages import pipes
-from stages.tracking import stage_run
+from nanoforge import pipes
+from nanoforge.tracking import stage_run
 
 name = sys.argv[1]
 params = yaml.safe_load(open("params.yaml")).get(name) or {}

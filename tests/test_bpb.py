@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stages.bpb import evaluate_bpb, load_rows, rank_batches, shard_rows
-from stages.runtime import Runtime
-from stages.sampling import generate
+from nanoforge.evaluation.bpb import evaluate_bpb, load_rows, rank_batches, shard_rows
+from nanoforge.runtime import Runtime
+from nanoforge.model.sampling import generate
 from tests.datagen import make_documents, write_shard
 from tests.test_core import CPU, TableLM, byte_tokenizer, prefer, table
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def bpe():
-    from stages.bpe import train_bpe
+    from nanoforge.tokenizer.bpe import train_bpe
 
     # small vocabulary: multi-byte characters (accents, CJK, emoji) stay split across tokens
     return train_bpe(make_documents(300, seed=11), vocab_size=300)
@@ -126,7 +126,7 @@ def test_ignored_targets_count_neither_nats_nor_bytes(bpe):
 
 
 def test_bpb_of_the_real_gpt_matches_its_logits(bpe):
-    from stages.gpt import GPT, GPTConfig
+    from nanoforge.model.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(sequence_len=32, vocab_size=bpe.vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=32))
@@ -183,7 +183,7 @@ def test_temperature_sampling_is_seeded():
 
 
 def test_real_gpt_generates_beyond_its_context(bpe):
-    from stages.gpt import GPT, GPTConfig
+    from nanoforge.model.gpt import GPT, GPTConfig
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(sequence_len=8, vocab_size=bpe.vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=16))

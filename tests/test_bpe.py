@@ -12,10 +12,10 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from stages.bpe import (
+from nanoforge.tokenizer.bpe import (
     META_FILE, MIN_VOCAB_SIZE, RANKS_FILE, SPECIAL_TOKENS, TokenizerError, load_tokenizer, train_bpe,
 )
-from stages.tokenizer_texts import TEXTS
+from nanoforge.tokenizer.texts import TEXTS
 from tests.datagen import make_documents
 
 
@@ -268,7 +268,7 @@ def test_batch_encoding_works_in_a_forked_child(saved):
 
     script = f"""
 import os, signal
-from stages.bpe import load_tokenizer
+from nanoforge.tokenizer.bpe import load_tokenizer
 from tests.datagen import make_documents
 tok = load_tokenizer({str(saved)!r})
 texts = make_documents(20, seed=3)

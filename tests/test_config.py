@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.config import (
+from nanoforge.config import (
     ConfigError, Params, load_params, parse_override, parse_yaml, resolve, stage_parser,
 )
 

@@ -16,13 +16,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from stages import core
-from stages.bpe import Tokenizer
-from stages.core import (
+from nanoforge.evaluation import core
+from nanoforge.tokenizer.bpe import Tokenizer
+from nanoforge.evaluation.core import (
     BundleError, Task, centered, common_length, crop_rows, evaluate_core, evaluate_task, fewshot_indices,
     item_rows, load_bundle, prepare_items, render_prompts, score_rows,
 )
-from stages.runtime import Runtime
+from nanoforge.runtime import Runtime
 from tests.datagen import make_eval_bundle
 
 REAL_BUNDLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval_bundle"
@@ -264,8 +264,8 @@ def _nanochat_reference(model, tokenizer, t: Task, max_len):
 
 @pytest.fixture(scope="module")
 def gpt_and_bundle(tmp_path_factory):
-    from stages.bpe import train_bpe
-    from stages.gpt import GPT, GPTConfig
+    from nanoforge.tokenizer.bpe import train_bpe
+    from nanoforge.model.gpt import GPT, GPTConfig
     from tests.datagen import make_documents
 
     tok = train_bpe(make_documents(200, seed=3), vocab_size=320)

@@ -22,11 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import stages.download as download
-import stages.fetch as fetch
-from stages.config import load_params
-from stages.eval_bundle import BundleError, check_bundle, unpack_bundle
-from stages.shards import read_manifest, shard_stats
+import nanoforge.data.download as download
+import nanoforge.data.fetch as fetch
+from nanoforge.config import load_params
+from nanoforge.data.eval_bundle import BundleError, check_bundle, unpack_bundle
+from nanoforge.data.shards import read_manifest, shard_stats
 from tests.conftest import REPO, make_project, run, tool
 from tests.datagen import make_eval_bundle, make_fineweb, write_shard
 from tests.mirror_server import MirrorServer

@@ -25,9 +25,9 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _make_inputs(root: Path) -> Path:
     """data/ and artifacts/{tokenizer,model} as the upstream stages would leave them."""
-    from stages.bpe import train_bpe
-    from stages.checkpoint import save_model
-    from stages.gpt import GPTConfig, build_model
+    from nanoforge.tokenizer.bpe import train_bpe
+    from nanoforge.training.checkpoint import save_model
+    from nanoforge.model.gpt import GPTConfig, build_model
 
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "params.yaml", root / "params.yaml")
@@ -62,7 +62,7 @@ def single(inputs, tmp_path_factory):
     """One plain `python -m stages.evaluate` run, with its own MLflow store."""
     project = _copy(inputs, tmp_path_factory.mktemp("single") / "p")
     uri = f"sqlite:///{project.parent / 'mlflow.db'}"
-    proc = run([tool("python"), "-m", "stages.evaluate", *SETS], project, env={"MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1"})
+    proc = run([tool("python"), "-m", "stages.evaluate", *SETS], project, env={"MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     return project, proc, uri
 
 
@@ -83,10 +83,10 @@ def test_stage_end_to_end(single):
     assert float(rows[0]["random_baseline"]) == 25.0
 
     # BPB is over the first val_tokens of the val shard: recompute it here from the same files
-    from stages.bpb import evaluate_bpb, rank_batches, shard_rows
-    from stages.bpe import load_tokenizer
-    from stages.checkpoint import load_model
-    from stages.runtime import Runtime
+    from nanoforge.evaluation.bpb import evaluate_bpb, rank_batches, shard_rows
+    from nanoforge.tokenizer.bpe import load_tokenizer
+    from nanoforge.training.checkpoint import load_model
+    from nanoforge.runtime import Runtime
 
     cpu = Runtime(torch.device("cpu"), torch.float32)
     tok = load_tokenizer(project / "artifacts/tokenizer")
@@ -134,7 +134,7 @@ def test_torchrun_two_processes_match_one(inputs, single, tmp_path):
 # bad inputs: exit 2 with the reason, nothing written, no MLflow run
 
 def _main_in(project: Path, monkeypatch, *args: str) -> int:
-    from stages.evaluate import main
+    from nanoforge.evaluation.evaluate import main
 
     monkeypatch.chdir(project)
     return main(list(args))
@@ -158,9 +158,9 @@ def test_malformed_bundle_line_fails_before_the_model_loads(inputs, tmp_path, mo
     lines = path.read_text().splitlines(keepends=True)
     lines[4] = '{"context": "unterminated\n'
     path.write_text("".join(lines))
-    import stages.checkpoint
+    import nanoforge.training.checkpoint
 
-    monkeypatch.setattr(stages.checkpoint, "load_model", lambda *a, **k: pytest.fail("model loaded before validation"))
+    monkeypatch.setattr(nanoforge.training.checkpoint, "load_model", lambda *a, **k: pytest.fail("model loaded before validation"))
     assert _main_in(project, monkeypatch) == 2
     err = capsys.readouterr().err
     assert "toy_lm.jsonl:5: malformed JSON" in err and "skip_bad_tasks" in err
@@ -178,7 +178,7 @@ def test_bad_task_skipped_when_asked(inputs, tmp_path, monkeypatch):
 
 
 def test_tokenizer_from_another_run(inputs, tmp_path, monkeypatch, capsys):
-    from stages.bpe import train_bpe
+    from nanoforge.tokenizer.bpe import train_bpe
 
     project = _copy(inputs, tmp_path / "p")
     train_bpe(make_documents(50, seed=1), vocab_size=290).save(project / "artifacts/tokenizer")
@@ -203,7 +203,7 @@ def test_missing_manifest(inputs, tmp_path, monkeypatch, capsys):
 
 
 def test_markdown_task_table_for_dagster():
-    from stages.evaluate import markdown_table
+    from nanoforge.evaluation.evaluate import markdown_table
 
     rows = [{"task": "arc_easy", "accuracy": 0.5, "centered": 1 / 3, "items": 10, "seconds": 1.25},
             {"task": "copa", "accuracy": 0.5, "centered": 0.0, "items": 4, "seconds": 0.5}]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from stages.gpt import GPT, GPTConfig, build_model, config_for_depth
+from nanoforge.model.gpt import GPT, GPTConfig, build_model, config_for_depth
 
 
 def expected_params(depth: int, vocab: int, n_kv_head: int | None = None) -> int:

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from stages.bpe import train_bpe
-from stages.loader import TokenStream, TrainLoader, batch_geometry
-from stages.shards import iter_documents, train_shard_paths
+from nanoforge.tokenizer.bpe import train_bpe
+from nanoforge.training.loader import TokenStream, TrainLoader, batch_geometry
+from nanoforge.data.shards import iter_documents, train_shard_paths
 from tests.datagen import make_documents, make_fineweb
 
 T = 32

@@ -5,8 +5,8 @@ import copy
 import pytest
 import torch
 
-from stages.gpt import build_model, config_for_depth
-from stages.optim import (
+from nanoforge.model.gpt import build_model, config_for_depth
+from nanoforge.training.optim import (
     Muon, apply_schedules, build_optimizers, lr_multiplier, muon_momentum, zeropower_via_newtonschulz5,
 )
 

@@ -167,7 +167,7 @@ def test_champion_moves_only_when_val_bpb_improves(e2e, tmp_path, monkeypatch):
     """A worse candidate is registered but not promoted; a better one takes the alias."""
     from mlflow.tracking import MlflowClient
 
-    from stages import register
+    from nanoforge import registry as register
 
     work = tmp_path / "work"
     for rel in ("artifacts/model", "artifacts/tokenizer", "artifacts/train", "artifacts/eval"):

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from stages import report
-from stages.config import ConfigError, load_params
-from stages.report_doc import count, duration, nbytes, percent, si, sig, signed, usd
+from nanoforge.reporting import report
+from nanoforge.config import ConfigError, load_params
+from nanoforge.reporting.doc import count, duration, nbytes, percent, si, sig, signed, usd
 from tests.conftest import REPO, run, tool
 
 SECTIONS = ["## Run", "## Data", "## Tokenizer", "## Training", "## Evaluation", "## Comparison with earlier runs"]
@@ -320,8 +320,9 @@ def test_dvc_yaml_report_deps_list_every_input():
     deps = set(block["deps"])
     for path, _, _ in report.INPUTS.values():
         assert str(path) in deps or str(path.parent) in deps, f"{path} is read by the report but not a dep"
-    for module in ("report", "report_doc", "report_plots", "report_history", "sysinfo"):
-        assert f"stages/{module}.py" in deps
+    for module in ("stages/report.py", "nanoforge/reporting/report.py", "nanoforge/reporting/doc.py",
+                   "nanoforge/reporting/plots.py", "nanoforge/reporting/history.py", "nanoforge/sysinfo.py"):
+        assert module in deps
 
 
 # ---------------------------------------------------------------------------
@@ -362,7 +363,7 @@ def _past_train_run(client, exp_id: str, loss_offset: float, val_bpb: float, cor
 def test_comparison_with_earlier_runs_and_champion(workdir):
     from mlflow.tracking import MlflowClient
 
-    from stages.tracking import _experiment_id, tracking_uri
+    from nanoforge.tracking import _experiment_id, tracking_uri
 
     client = MlflowClient(tracking_uri())
     exp_id = _experiment_id(client)  # as the stages create it: artifacts beside the store, not in cwd
@@ -539,8 +540,8 @@ def test_report_of_a_real_tiny_pipeline_run(tiny_pipeline, chromium, monkeypatch
     # MLflow: the report run records what it describes; the real train/evaluate runs are findable
     from mlflow.tracking import MlflowClient
 
-    from stages.report_history import load_history
-    from stages.tracking import EXPERIMENT
+    from nanoforge.reporting.history import load_history
+    from nanoforge.tracking import EXPERIMENT
 
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name(EXPERIMENT)

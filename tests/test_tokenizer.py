@@ -15,12 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from stages import tokenizer as stage
-from stages.bpe import META_FILE, RANKS_FILE, load_tokenizer
-from stages.common import read_json, shard_name
-from stages.config import TokenizerConfig
-from stages.shards import build_manifest, read_manifest, write_manifest
-from stages.tracking import EXPERIMENT, tracking_uri
+from nanoforge.tokenizer import training as stage
+from nanoforge.tokenizer.bpe import META_FILE, RANKS_FILE, load_tokenizer
+from nanoforge.common import read_json, shard_name
+from nanoforge.config import TokenizerConfig
+from nanoforge.data.shards import build_manifest, read_manifest, write_manifest
+from nanoforge.tracking import EXPERIMENT, tracking_uri
 from tests.conftest import make_project, run, tool
 from tests.datagen import make_documents, make_fineweb, write_shard
 

@@ -6,8 +6,8 @@ import subprocess
 import pytest
 from mlflow.tracking import MlflowClient
 
-from stages import tracking
-from stages.tracking import stage_run
+from nanoforge import tracking
+from nanoforge.tracking import stage_run
 
 
 def client():

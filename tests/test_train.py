@@ -19,8 +19,8 @@ import pytest
 import torch
 import yaml
 
-from stages.bpe import train_bpe
-from stages.checkpoint import list_checkpoints, load_model
+from nanoforge.tokenizer.bpe import train_bpe
+from nanoforge.training.checkpoint import list_checkpoints, load_model
 from tests.conftest import REPO, tool
 from tests.datagen import make_documents, make_fineweb
 
@@ -242,8 +242,8 @@ def test_bad_batch_arithmetic_fails_before_any_work(template, tmp_path):
     assert ("train.total_batch_size=1000 is not a multiple of train.device_batch_size (4) x train.max_seq_len (32) "
             "x train.nproc_per_node (1) = 128 tokens per micro-step; nearest valid total_batch_size: 896 or 1024") in proc.stderr
     # at the real world size too: 256 tokens do not split over 4 ranks x 4 rows x 32
-    from stages.config import TrainConfig
-    from stages.train import plan_run
+    from nanoforge.config import TrainConfig
+    from nanoforge.training.loop import plan_run
 
     os.chdir(root)
     try:
@@ -276,9 +276,9 @@ def test_nan_loss_stops_keeps_the_last_good_checkpoint_and_fails_the_run(clean, 
 
 
 def test_checkpoints_are_atomic_pruned_and_loadable(tmp_path):
-    from stages.checkpoint import latest_checkpoint, remove_partial, save_checkpoint
-    from stages.gpt import build_model, config_for_depth
-    from stages.optim import build_optimizers
+    from nanoforge.training.checkpoint import latest_checkpoint, remove_partial, save_checkpoint
+    from nanoforge.model.gpt import build_model, config_for_depth
+    from nanoforge.training.optim import build_optimizers
 
     model = build_model(config_for_depth(1, 300, 16))
     opts = build_optimizers(model, 0.02, 0.2, 0.004)
@@ -298,7 +298,7 @@ def test_checkpoints_are_atomic_pruned_and_loadable(tmp_path):
 
 
 def test_train_config_reads_on_off_and_checks_depth(tmp_path):
-    from stages.config import ConfigError, load_params
+    from nanoforge.config import ConfigError, load_params
 
     path = tmp_path / "params.yaml"
     path.write_text("train:\n  compile: on\n")  # YAML 1.1 reads a bare on as true

@@ -173,7 +173,7 @@ def cpu_peak_flops(dtype: torch.dtype) -> float:
     A peak is a maximum, so the cache only ever goes up; a probe taken while other
     processes loaded the CPU is taken again once the machine is quieter.
     """
-    from stages.sysinfo import cpu_model
+    from nanoforge.sysinfo import cpu_model
 
     key = f"{cpu_model()}|threads={torch.get_num_threads()}|torch={torch.__version__}|{dtype}"
     path = _cache_file()

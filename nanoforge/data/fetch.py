@@ -42,7 +42,7 @@ from urllib.parse import urlsplit
 import requests
 import urllib3
 
-from stages.common import get_logger
+from nanoforge.common import get_logger
 
 try:  # POSIX; elsewhere we simply don't lock
     import fcntl

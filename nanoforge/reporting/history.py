@@ -20,7 +20,7 @@ import warnings
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from stages.tracking import EXPERIMENT, tracking_uri
+from nanoforge.tracking import EXPERIMENT, tracking_uri
 
 # the numbers a reader compares, and which direction is better
 HEADLINE = [

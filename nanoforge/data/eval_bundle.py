@@ -23,7 +23,7 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
-from stages.common import EVAL_BUNDLE_DIR, atomic_dir
+from nanoforge.common import EVAL_BUNDLE_DIR, atomic_dir
 
 REQUIRED = ("core.yaml", "eval_meta_data.csv")
 _SKIP = ("__MACOSX/",)

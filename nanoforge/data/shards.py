@@ -15,7 +15,7 @@ from typing import Iterator
 
 import pyarrow.parquet as pq
 
-from stages.common import FINEWEB_DIR, MANIFEST_FILE, read_json, sha256_file, shard_name, write_json
+from nanoforge.common import FINEWEB_DIR, MANIFEST_FILE, read_json, sha256_file, shard_name, write_json
 
 MANIFEST_VERSION = 1
 

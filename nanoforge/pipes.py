@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from stages.common import get_logger, is_rank0
+from nanoforge.common import get_logger, is_rank0
 
 PIPES_ENV = "DAGSTER_PIPES_CONTEXT"  # dagster_pipes 1.13 has no is_dagster_pipes_process()
 

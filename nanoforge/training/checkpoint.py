@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from stages.common import MODEL_DIR, atomic_dir, read_json, write_json
-from stages.gpt import GPT, GPTConfig, build_model
+from nanoforge.common import MODEL_DIR, atomic_dir, read_json, write_json
+from nanoforge.model.gpt import GPT, GPTConfig, build_model
 
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"

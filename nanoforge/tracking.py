@@ -32,7 +32,7 @@ from typing import Any, Iterator
 
 import yaml
 
-from stages.common import DATA_DIR, get_logger, is_rank0
+from nanoforge.common import DATA_DIR, get_logger, is_rank0
 
 EXPERIMENT = "nanoforge"
 PARENT_ENV = "NANOFORGE_PARENT_RUN_ID"
@@ -284,7 +284,7 @@ def stage_run(
     tags: dict[str, Any] | None = None,
 ) -> Iterator[StageRun]:
     """One MLflow run around a stage. Rank 0 only; FAILED with the error on exceptions."""
-    from stages.config import flatten
+    from nanoforge.config import flatten
 
     if not is_rank0() or os.environ.get("NANOFORGE_TRACKING", "on") == "off":
         yield StageRun()

@@ -24,7 +24,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from stages.shards import iter_documents
+from nanoforge.data.shards import iter_documents
 
 
 def load_rows(texts: Iterable[str], tokenizer, seq_len: int, num_tokens: int) -> torch.Tensor:

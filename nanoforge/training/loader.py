@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from stages.config import TrainConfig
+from nanoforge.config import TrainConfig
 
 TOKENIZE_CHUNK = 128  # documents per tokenizer call
 

@@ -1,0 +1,634 @@
+"""Stage 1: FineWeb-Edu shards and the CORE eval bundle into data/, versioned by DVC.
+
+    python -m stages.download                              # params.yaml's download section
+    python -m stages.download --set num_train_shards=8     # a one-off change
+    python -m stages.download --only-shards 0-3,1822 --no-dvc-add   # a subset (orchestrator partitions)
+    NANOFORGE_MIRROR=http://127.0.0.1:8765 python -m stages.download   # a mirror: URL or folder
+
+Notable:
+- Sources. Shard i is {base_url}/shard_{i:05d}.parquet (HF_ENDPOINT, if set, replaces
+  https://huggingface.co), or source_dir/shard_{i:05d}.parquet when source_dir is set.
+  NANOFORGE_MIRROR=<URL or folder> replaces both sources for a run: shards at
+  $MIRROR/shard_XXXXX.parquet, the bundle at $MIRROR/eval_bundle.zip (a folder mirror
+  may hold eval_bundle/ unpacked instead). Precedence: --set > NANOFORGE_MIRROR >
+  params.yaml. The sources in effect are printed and logged to MLflow.
+- The validation shard is pinned (val_shard); the manifest, not file names, tells
+  downstream stages which shards are train and which is val.
+- Before any byte moves: a HEAD per missing file, so a 404 or a disk too small
+  fails at once instead of after hours. Then parallel downloads (fetch.py: retries,
+  Range resume, verify-then-rename) with a progress bar on a terminal and a log
+  line every PROGRESS_EVERY_S otherwise.
+- Re-runs fetch only what is missing or invalid. A shard counts as present when it
+  matches its manifest entry (size and sha256), or, with no entry, validates as a
+  shard (footer, `text` column, rows > 0, every row group decodes).
+- Shards on disk that the config no longer asks for are kept (a later config may
+  want them again) but are not in the manifest; delete them by hand to drop them
+  from data.dvc. Leftover .part/.tmp files are removed before `dvc add`.
+- The manifest is rewritten only when its content changes (its `source` aside), so
+  re-running against another mirror with identical bytes leaves data/ and data.dvc as
+  they were.
+- After success, `dvc add data` writes data.dvc (so it changes exactly when data/
+  does). Outside a DVC repo, or without dvc, that is a warning, not a failure.
+- `--only-shards` downloads just those shards: no bundle, no manifest, no dvc add.
+  A full run afterwards, or `finalize(cfg)` from Python, does those; that is how
+  the orchestrator runs one partition per shard and versions once at the end.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from nanoforge import pipes
+from nanoforge.common import DATA_DIR, EVAL_BUNDLE_DIR, FINEWEB_DIR, MANIFEST_FILE, get_logger, sha256_file, shard_name
+from nanoforge.config import LAST_SHARD, ConfigError, DownloadConfig, parse_override, resolve, stage_parser
+from nanoforge.data.eval_bundle import BundleError, bundle_ok, check_bundle, copy_bundle, unpack_bundle
+from nanoforge.data.fetch import (
+    DiskFullError, FetchError, fetch, free_bytes, is_locked, is_url, locked, part_path, probe, show_progress,
+)
+from nanoforge.data.shards import ShardError, build_manifest, read_manifest, shard_facts, write_manifest
+from nanoforge.tracking import stage_run
+
+HF = "https://huggingface.co"
+MIRROR_ENV = "NANOFORGE_MIRROR"
+HF_ENDPOINT_ENV = "HF_ENDPOINT"
+BUNDLE_ZIP = "eval_bundle.zip"
+PROBE_WORKERS = 16
+
+log = get_logger("download")
+
+
+class DownloadError(RuntimeError):
+    """The download cannot complete; the message says what and how to fix it."""
+
+
+# ---------------------------------------------------------------------------
+# where the bytes come from
+
+@dataclass(frozen=True)
+class Sources:
+    shards: str  # a base URL or a local folder
+    bundle: str  # a URL, a local .zip, or a local bundle folder
+    shards_from: str  # which setting chose it, for people reading the log
+    bundle_from: str
+
+    def shard(self, index: int) -> str:
+        if is_url(self.shards):
+            return f"{self.shards.rstrip('/')}/{shard_name(index)}"
+        return str(Path(self.shards) / shard_name(index))
+
+    def describe(self) -> str:
+        return f"shards from {self.shards}  ({self.shards_from})\n  eval bundle from {self.bundle}  ({self.bundle_from})"
+
+
+def _hf(url: str, env: Mapping[str, str]) -> tuple[str, bool]:
+    endpoint = env.get(HF_ENDPOINT_ENV, "").strip().rstrip("/")
+    if endpoint and (url == HF or url.startswith(HF + "/")):
+        return endpoint + url[len(HF):], True
+    return url, False
+
+
+def _local(path: str) -> str:
+    return str(Path(path).expanduser())
+
+
+def resolve_sources(cfg: DownloadConfig, overridden: set[str] | frozenset = frozenset(), env: Mapping[str, str] | None = None) -> Sources:
+    """The sources in effect. `overridden`: download keys given with --set (they beat the mirror)."""
+    env = os.environ if env is None else env
+    mirror = env.get(MIRROR_ENV, "").strip()
+    mirror = mirror.rstrip("/") if is_url(mirror) else (_local(mirror) if mirror else "")
+
+    def origin(key: str) -> str:
+        return f"--set {key}" if key in overridden else f"params.yaml download.{key}"
+
+    if mirror and not overridden & {"base_url", "source_dir"}:
+        shards, shards_from = mirror, MIRROR_ENV
+    elif cfg.source_dir:
+        shards, shards_from = _local(cfg.source_dir), origin("source_dir")
+    else:
+        shards, replaced = _hf(cfg.base_url, env)
+        shards_from = origin("base_url") + (f" with {HF_ENDPOINT_ENV}" if replaced else "")
+
+    if mirror and "eval_bundle_url" not in overridden:
+        if is_url(mirror):
+            bundle = f"{mirror}/{BUNDLE_ZIP}"
+        else:  # a folder mirror: the zip if it has one, else an unpacked eval_bundle/
+            zipped, unpacked = Path(mirror) / BUNDLE_ZIP, Path(mirror) / "eval_bundle"
+            bundle = str(unpacked if unpacked.is_dir() and not zipped.exists() else zipped)
+        bundle_from = MIRROR_ENV
+    else:
+        bundle = cfg.eval_bundle_url
+        bundle, replaced = _hf(bundle, env) if is_url(bundle) else (_local(bundle), False)
+        bundle_from = origin("eval_bundle_url") + (f" with {HF_ENDPOINT_ENV}" if replaced else "")
+    return Sources(shards, bundle, shards_from, bundle_from)
+
+
+def check_sources(sources: Sources, indices: list[int], bundle: bool = True) -> None:
+    """Local sources exist and hold what is asked for. Raises DownloadError/BundleError before any work."""
+    if not is_url(sources.shards):
+        folder = Path(sources.shards)
+        if not folder.is_dir():
+            raise DownloadError(f"shard source folder {folder} does not exist ({sources.shards_from})")
+        parquet = sorted(p.name for p in folder.glob("*.parquet"))
+        if not parquet:
+            raise DownloadError(
+                f"shard source folder {folder} holds no parquet files ({sources.shards_from}); "
+                "it should contain shard_00000.parquet, shard_00001.parquet, ..."
+            )
+        missing = [shard_name(i) for i in indices if not (folder / shard_name(i)).is_file()]
+        if missing:
+            have = ", ".join(parquet[:6]) + (" ..." if len(parquet) > 6 else "")
+            raise DownloadError(
+                f"shard source folder {folder} lacks {', '.join(missing)} (it has {have}); "
+                "fewer download.num_train_shards, another download.val_shard, or a fuller folder"
+            )
+    if bundle and not is_url(sources.bundle):
+        path = Path(sources.bundle)
+        if path.is_dir():
+            check_bundle(path)
+        elif not path.is_file():
+            raise DownloadError(f"eval bundle source {path} does not exist ({sources.bundle_from})")
+        elif not zipfile.is_zipfile(path):
+            raise DownloadError(f"eval bundle source {path} is not a zip file ({sources.bundle_from})")
+
+
+def configured_indices(cfg: DownloadConfig) -> list[int]:
+    return [*range(cfg.num_train_shards), cfg.val_shard]
+
+
+def parse_indices(text: str) -> list[int]:
+    """'0,3,1822' or '0-7,1822' -> sorted unique indices; ConfigError names a bad one."""
+    out: set[int] = set()
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        lo, sep, hi = item.partition("-")
+        try:
+            first, last = (int(lo), int(hi)) if sep else (int(item), int(item))
+        except ValueError:
+            raise ConfigError(f"--only-shards: {item!r} is not a shard index or a range like 0-7") from None
+        if first > last:
+            raise ConfigError(f"--only-shards: empty range {item!r}")
+        if first < 0 or last > LAST_SHARD:
+            raise ConfigError(f"--only-shards: {item!r} is outside the dataset's shards 0..{LAST_SHARD}")
+        out.update(range(first, last + 1))
+    if not out:
+        raise ConfigError("--only-shards: no shard indices given")
+    return sorted(out)
+
+
+# ---------------------------------------------------------------------------
+# shards
+
+@dataclass
+class ShardReport:
+    entries: dict[int, dict] = field(default_factory=dict)  # index -> shard_facts (bytes, sha256, rows, chars)
+    downloaded: list[int] = field(default_factory=list)
+    present: list[int] = field(default_factory=list)
+    transferred: int = 0  # bytes moved in this run
+    attempts: int = 0
+    seconds: float = 0.0
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.transferred / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+def _manifest_entries(directory: Path) -> dict[int, dict]:
+    path = directory / MANIFEST_FILE.name
+    try:
+        return {e["index"]: e for e in read_manifest(path)["shards"]} if path.exists() else {}
+    except (ShardError, ValueError, KeyError, TypeError) as exc:
+        log.warning("%s is unreadable (%s); checking shards without it", path, exc)
+        return {}
+
+
+def existing_shard(path: Path, entry: dict | None) -> dict | None:
+    """shard_facts of a valid shard already at `path` (trusting a matching manifest entry), else None."""
+    if not path.exists():
+        return None
+    if entry and entry.get("sha256"):
+        if path.stat().st_size == entry.get("bytes") and sha256_file(path) == entry["sha256"]:
+            return {k: entry[k] for k in ("bytes", "sha256", "rows", "chars")}
+        log.warning("%s differs from its manifest entry (size or sha256); fetching it again", path)
+        return None
+    try:
+        return shard_facts(path)
+    except ShardError as exc:
+        log.warning("%s is not a valid shard (%s); fetching it again", path, exc)
+        return None
+
+
+def download_shards(
+    indices: list[int],
+    cfg: DownloadConfig,
+    sources: Sources | None = None,
+    directory: str | Path = FINEWEB_DIR,
+    stop: threading.Event | None = None,
+) -> ShardReport:
+    """Make `directory` hold valid shards `indices`, downloading only what is missing or invalid.
+
+    Raises DownloadError naming every shard that could not be fetched. Shards that did
+    arrive stay (verified) on disk, so a re-run continues where this one stopped.
+    """
+    sources = sources or resolve_sources(cfg)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    stop = stop or threading.Event()
+    start = time.monotonic()
+    report = ShardReport()
+    known = _manifest_entries(directory)
+    todo, invalid = [], set()
+    for index in sorted(set(indices)):
+        path = directory / shard_name(index)
+        facts = existing_shard(path, known.get(index))
+        if facts is not None:
+            report.entries[index] = facts
+            report.present.append(index)
+        else:
+            todo.append(index)
+            if path.exists():
+                invalid.add(index)
+    log.info("%d of %d shards present and valid; %d to fetch from %s", len(report.present), len(set(indices)),
+             len(todo), sources.shards)
+    if not todo:
+        report.seconds = time.monotonic() - start
+        return report
+
+    sizes = _preflight(todo, sources, cfg, directory)
+    results: dict[int, object] = {}
+    errors: dict[int, BaseException] = {}
+    with show_progress("shards", len(todo), {shard_name(i): sizes.get(i) for i in todo}) as progress:
+
+        def one(index: int):
+            path = directory / shard_name(index)
+            with locked(path):
+                if index in invalid:
+                    path.unlink(missing_ok=True)
+                elif path.exists():  # another process fetched it while we waited for the lock
+                    facts = existing_shard(path, None)
+                    if facts is not None:
+                        progress.finished(path.name)
+                        return facts, None
+                    path.unlink(missing_ok=True)
+                result = fetch(sources.shard(index), path, verify=shard_facts, timeout=cfg.timeout_s,
+                               max_retries=cfg.max_retries, progress=progress.update, stop=stop)
+            progress.finished(path.name)
+            resumed = f", resumed at {result.resumed_from / 1e6:.1f} MB" if result.resumed_from else ""
+            retried = f", {result.attempts - 1} retries" if result.attempts > 1 else ""
+            log.info("%s: %.1f MB in %.1fs%s%s, %d rows, verified", path.name, result.bytes / 1e6, result.seconds,
+                     resumed, retried, result.verified["rows"])
+            return result.verified, result
+
+        pool = cf.ThreadPoolExecutor(max_workers=min(cfg.workers, len(todo)), thread_name_prefix="download")
+        futures = {pool.submit(one, i): i for i in todo}
+        try:
+            for future in cf.as_completed(futures):
+                index = futures[future]
+                if future.cancelled():
+                    continue
+                try:
+                    results[index] = future.result()
+                except (FetchError, ShardError, OSError) as exc:
+                    errors[index] = exc
+                    if isinstance(exc, DiskFullError):  # the others would fail too: stop them now
+                        stop.set()
+                    for f in futures:  # fail fast: start nothing new; running downloads finish and stay
+                        f.cancel()
+        except BaseException:  # Ctrl-C: stop the workers; their .part files stay for the next run
+            stop.set()
+            for f in futures:
+                f.cancel()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if progress.bar is None and progress.transferred:
+            log.info("%s", progress.line())
+        report.transferred = progress.transferred
+
+    for index, (facts, result) in sorted(results.items()):
+        report.entries[index] = facts
+        if result is not None:
+            report.downloaded.append(index)
+            report.attempts += result.attempts
+    report.seconds = time.monotonic() - start
+    if errors:
+        not_started = [i for i in todo if i not in results and i not in errors]
+        lines = [f"  {shard_name(i)}: {errors[i]}" for i in sorted(errors)]
+        if not_started:
+            lines.append(f"  not started after the first failure: {len(not_started)} shard(s)")
+        raise DownloadError(
+            f"{len(errors)} of {len(todo)} shard downloads failed ({len(results)} fetched and verified, kept):\n"
+            + "\n".join(lines)
+        )
+    return report
+
+
+def _preflight(todo: list[int], sources: Sources, cfg: DownloadConfig, directory: Path) -> dict[int, int | None]:
+    """Sizes of the shards to fetch (HEAD / stat); fails on 404s and on a disk that is too small."""
+    if is_url(sources.shards):
+        with cf.ThreadPoolExecutor(min(PROBE_WORKERS, len(todo))) as pool:
+            futures = {i: pool.submit(probe, sources.shard(i), cfg.timeout_s) for i in todo}
+        sizes, missing = {}, []
+        for i, fut in futures.items():
+            try:
+                sizes[i] = fut.result()
+            except FetchError as exc:
+                missing.append(str(exc))
+        if missing:
+            raise DownloadError(f"{len(missing)} of {len(todo)} shards are not available:\n  " + "\n  ".join(missing))
+    else:
+        sizes = {i: (Path(sources.shards) / shard_name(i)).stat().st_size for i in todo}
+    need = sum((s or 0) - _part_size(directory / shard_name(i)) for i, s in sizes.items())
+    free = free_bytes(directory)
+    if need > free:
+        raise DownloadError(
+            f"disk full: the {len(todo)} shards to fetch need {need / 1e9:.2f} GB, only {free / 1e9:.2f} GB free "
+            f"under {directory.resolve()}; free space or ask for fewer shards (download.num_train_shards)"
+        )
+    return sizes
+
+
+def _part_size(path: Path) -> int:
+    part = part_path(path)
+    return part.stat().st_size if part.exists() else 0
+
+
+# ---------------------------------------------------------------------------
+# the eval bundle
+
+def _check_zip(path: Path) -> None:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise BundleError(f"not a readable zip file ({exc})") from None
+    if bad is not None:
+        raise BundleError(f"zip entry {bad!r} fails its CRC check")
+
+
+def ensure_bundle(cfg: DownloadConfig, sources: Sources | None = None, directory: str | Path = EVAL_BUNDLE_DIR,
+                  stop: threading.Event | None = None) -> dict:
+    """Make `directory` hold a complete eval bundle. Returns {status, tasks, files, bytes}."""
+    sources = sources or resolve_sources(cfg)
+    directory = Path(directory)
+    if bundle_ok(directory):
+        info = check_bundle(directory)
+        log.info("eval bundle present (%d tasks) in %s; delete it to fetch it again", info["tasks"], directory)
+        return {"status": "present", **info}
+    if directory.exists():
+        log.warning("%s is incomplete; fetching the eval bundle again", directory)
+    src = sources.bundle
+    if is_url(src):
+        archive = directory.parent / f".{BUNDLE_ZIP}"
+        with locked(archive):
+            size = probe(src, cfg.timeout_s) if not part_path(archive).exists() else None
+            with show_progress("eval bundle", 1, {archive.name: size}) as progress:
+                result = fetch(src, archive, verify=_check_zip, timeout=cfg.timeout_s, max_retries=cfg.max_retries,
+                               progress=progress.update, stop=stop)
+            log.info("eval bundle: %.1f MB in %.1fs", result.bytes / 1e6, result.seconds)
+            try:
+                info = unpack_bundle(archive, directory)
+            finally:
+                archive.unlink(missing_ok=True)
+        status = "downloaded"
+    elif Path(src).is_dir():
+        info, status = copy_bundle(src, directory), "copied"
+    else:
+        info, status = unpack_bundle(src, directory), "unpacked"
+    log.info("eval bundle %s: %d tasks, %d files in %s", status, info["tasks"], info["files"], directory)
+    return {"status": status, **info}
+
+
+# ---------------------------------------------------------------------------
+# manifest + dvc add
+
+def _same_manifest(a: dict, b: dict) -> bool:
+    strip = lambda m: {k: v for k, v in m.items() if k != "source"}  # noqa: E731
+    return strip(a) == strip(b)
+
+
+def write_shard_manifest(cfg: DownloadConfig, sources: Sources, entries: dict[int, dict] | None = None,
+                         directory: str | Path = FINEWEB_DIR) -> tuple[dict, bool]:
+    """Write MANIFEST.json for the configured shards (which must be present). Returns (manifest, rewritten)."""
+    directory = Path(directory)
+    wanted = configured_indices(cfg)
+    entries = dict(entries or {})
+    known = _manifest_entries(directory)
+    for index in wanted:  # shards nobody checked in this process (e.g. fetched by partition runs)
+        if index not in entries:
+            facts = existing_shard(directory / shard_name(index), known.get(index))
+            if facts is None:
+                raise DownloadError(
+                    f"{directory / shard_name(index)} is missing or invalid; run `python -m stages.download` to fetch it"
+                )
+            entries[index] = facts
+    manifest = build_manifest(directory, wanted[:-1], cfg.val_shard, source=sources.shards, known=entries)
+    path = directory / MANIFEST_FILE.name
+    old = None
+    if path.exists():
+        with contextlib.suppress(ShardError, ValueError):
+            old = read_manifest(path)
+    if old is not None and _same_manifest(old, manifest):
+        return old, False
+    write_manifest(manifest, path)
+    return manifest, True
+
+
+def clean_leftovers(data_dir: str | Path = DATA_DIR) -> list[Path]:
+    """Remove partial downloads and temp files nobody is writing, so `dvc add` sees only real data."""
+    removed = []
+    data_dir = Path(data_dir)
+    if not data_dir.exists():
+        return removed
+    for path in sorted(data_dir.rglob("*")):
+        name = path.name
+        if name.endswith((".part", ".lock")):
+            if is_locked(path.with_name(name.rsplit(".", 1)[0])):
+                continue  # another process is fetching this file right now
+        elif not (name.startswith(".") and (name.endswith((".tmp", ".old")) or name == f".{BUNDLE_ZIP}")):
+            continue
+        if not path.exists():
+            continue  # inside a folder removed above
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _dvc_root(start: Path) -> Path | None:
+    for folder in [start, *start.parents]:
+        if (folder / ".dvc").is_dir():
+            return folder
+    return None
+
+
+def find_dvc() -> str | None:
+    found = shutil.which("dvc")
+    if found:
+        return found
+    beside = Path(sys.executable).parent / "dvc"
+    return str(beside) if beside.exists() else None
+
+
+def dvc_add(target: str | Path = DATA_DIR) -> dict:
+    """`dvc add <target>` -> {status: added|skipped, changed, md5, reason}. Warns (no error) outside a DVC repo."""
+    target = Path(target)
+    if _dvc_root(Path.cwd().resolve()) is None:
+        reason = f"{Path.cwd()} is not inside a DVC repo (no .dvc/ folder); run `dvc init` to version data/"
+        log.warning("not versioning %s: %s", target, reason)
+        return {"status": "skipped", "reason": reason, "changed": False, "md5": None}
+    exe = find_dvc()
+    if exe is None:
+        reason = "dvc is not installed (not on PATH, not beside this Python); run `make setup`"
+        log.warning("not versioning %s: %s", target, reason)
+        return {"status": "skipped", "reason": reason, "changed": False, "md5": None}
+    dvc_file = target.with_name(target.name + ".dvc")
+    before = dvc_file.read_bytes() if dvc_file.exists() else None
+    start = time.monotonic()
+    proc = subprocess.run([exe, "add", str(target)], capture_output=True, text=True,
+                          env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    if proc.returncode != 0:
+        raise DownloadError(
+            f"`dvc add {target}` failed (exit {proc.returncode}); the data itself is complete, "
+            f"fix the problem and run `dvc add {target}`:\n{(proc.stderr or proc.stdout).strip()[-2000:]}"
+        )
+    after = dvc_file.read_bytes() if dvc_file.exists() else None
+    md5 = None
+    with contextlib.suppress(Exception):
+        import yaml
+
+        md5 = yaml.safe_load(after)["outs"][0]["md5"]
+    changed = before != after
+    log.info("dvc add %s: %s (%s, %.1fs)", target, dvc_file, "changed" if changed else "unchanged", time.monotonic() - start)
+    return {"status": "added", "changed": changed, "md5": md5, "reason": ""}
+
+
+def finalize(cfg: DownloadConfig, sources: Sources | None = None, entries: dict[int, dict] | None = None,
+             run_dvc: bool = True, stop: threading.Event | None = None) -> dict:
+    """Everything after the shard downloads: the eval bundle, the manifest, cleanup, `dvc add data`.
+
+    The orchestrator calls this once after its per-shard partitions (download_shards).
+    Returns {manifest, manifest_rewritten, bundle, dvc, extra_shards}.
+    """
+    sources = sources or resolve_sources(cfg)
+    bundle = ensure_bundle(cfg, sources, stop=stop)
+    manifest, rewritten = write_shard_manifest(cfg, sources, entries)
+    log.info("manifest %s (%s): %d train + 1 val shards, %s rows, %s characters, %.1f MB", MANIFEST_FILE,
+             "written" if rewritten else "unchanged", len(manifest["train_shards"]),
+             f"{_total(manifest, 'rows'):,}", f"{_total(manifest, 'chars'):,}", _total(manifest, "bytes") / 1e6)
+    wanted = {shard_name(i) for i in configured_indices(cfg)}
+    extra = sorted(p.name for p in FINEWEB_DIR.glob("shard_*.parquet") if p.name not in wanted)
+    if extra:
+        log.info("also in %s, not in this config (kept, not in the manifest; delete to drop them from data.dvc): %s",
+                 FINEWEB_DIR, ", ".join(extra[:10]) + (" ..." if len(extra) > 10 else ""))
+    for path in clean_leftovers(DATA_DIR):
+        log.info("removed leftover %s", path)
+    dvc = dvc_add(DATA_DIR) if run_dvc else {"status": "skipped", "reason": "--no-dvc-add", "changed": False, "md5": None}
+    return {"manifest": manifest, "manifest_rewritten": rewritten, "bundle": bundle, "dvc": dvc, "extra_shards": extra}
+
+
+def _total(manifest: dict, key: str) -> int:
+    return sum(split[key] for split in manifest["totals"].values())
+
+
+# ---------------------------------------------------------------------------
+# the stage
+
+def run_download(cfg: DownloadConfig, sources: Sources, only: list[int] | None = None, run_dvc: bool = True) -> dict:
+    """The whole stage without CLI or tracking; returns the numbers it reports."""
+    start = time.monotonic()
+    stop = threading.Event()
+    try:
+        if only is not None:
+            shards = download_shards(only, cfg, sources, stop=stop)
+            facts = shards.entries.values()
+            return {
+                "shards": len(shards.entries), "rows": sum(f["rows"] for f in facts),
+                "chars": sum(f["chars"] for f in facts), "bytes": sum(f["bytes"] for f in facts),
+                **_speed(shards), "seconds": time.monotonic() - start, "final": None,
+            }
+        if is_url(sources.bundle) and not bundle_ok(EVAL_BUNDLE_DIR):
+            try:  # fail before hours of shard downloads if the bundle URL is wrong
+                probe(sources.bundle, cfg.timeout_s)
+            except FetchError as exc:
+                raise DownloadError(f"eval bundle: {exc}") from None
+        shards = download_shards(configured_indices(cfg), cfg, sources, stop=stop)
+        final = finalize(cfg, sources, shards.entries, run_dvc=run_dvc, stop=stop)
+    except KeyboardInterrupt:
+        stop.set()
+        raise
+    manifest = final["manifest"]
+    return {
+        "shards": len(manifest["shards"]), "train_shards": len(manifest["train_shards"]),
+        "rows": _total(manifest, "rows"), "chars": _total(manifest, "chars"), "bytes": _total(manifest, "bytes"),
+        **_speed(shards), "seconds": time.monotonic() - start,
+        "bundle_tasks": final["bundle"]["tasks"], "bundle_bytes": final["bundle"]["bytes"], "final": final,
+    }
+
+
+def _speed(shards: ShardReport) -> dict:
+    return {"downloaded_shards": len(shards.downloaded), "present_shards": len(shards.present),
+            "downloaded_bytes": shards.transferred, "attempts": shards.attempts,
+            "download_seconds": shards.seconds, "mb_per_s": shards.mb_per_s}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser("download", __doc__.split("\n\n")[0])
+    parser.add_argument("--only-shards", metavar="LIST",
+                        help="fetch just these shards, e.g. 0,3,1822 or 0-7 (no bundle, manifest or dvc add)")
+    parser.add_argument("--no-dvc-add", action="store_true", help="don't run `dvc add data` at the end")
+    args = parser.parse_args(argv)
+    try:
+        params = resolve("download", args)
+        cfg = params.download
+        only = parse_indices(args.only_shards) if args.only_shards is not None else None
+        overridden = {parse_override(o, "download")[0].split(".", 1)[1] for o in args.overrides}
+        sources = resolve_sources(cfg, overridden)
+        print(f"[download] {sources.describe()}", flush=True)
+        check_sources(sources, only if only is not None else configured_indices(cfg), bundle=only is None)
+    except (ConfigError, DownloadError, BundleError, ShardError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    logged = {**cfg.model_dump(mode="json"), "shards_source": sources.shards, "bundle_source": sources.bundle}
+    tags = {"only_shards": args.only_shards} if only is not None else {}
+    try:
+        with stage_run("download", logged, tags=tags) as run:
+            summary = run_download(cfg, sources, only, run_dvc=not args.no_dvc_add)
+            final = summary.pop("final")
+            run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
+            if final is not None and run.enabled:  # (set_tags imports mlflow even when tracking is off)
+                run.log_artifact(MANIFEST_FILE)
+                run.set_tags({"data_dvc": final["dvc"]["status"], "data_dvc_changed": final["dvc"]["changed"],
+                              "data_dvc_md5": final["dvc"]["md5"] or ""})
+    except (DownloadError, FetchError, BundleError, ShardError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: finished files are kept and partial ones resume on the next run", file=sys.stderr)
+        return 130
+    pipes.report({k: summary[k] for k in ("shards", "rows", "chars", "bytes", "seconds", "downloaded_shards", "mb_per_s")}
+                 | {"mlflow_run_id": run.run_id})
+    what = "shards" if only is not None else "shards + eval bundle"
+    print(f"[download] {summary['shards']} {what}: {summary['rows']:,} rows, {summary['chars']:,} characters, "
+          f"{summary['bytes'] / 1e6:,.1f} MB; fetched {summary['downloaded_shards']} shards "
+          f"({summary['downloaded_bytes'] / 1e6:,.1f} MB, {summary['mb_per_s']:.1f} MB/s) in {summary['seconds']:.1f}s",
+          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

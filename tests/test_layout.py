@@ -1,0 +1,123 @@
+"""The layout's rules, checked from the code itself so they cannot drift:
+
+- every `dvc.yaml` stage lists as deps the project modules its command imports, transitively
+  (a module missing there means DVC reports stale results as up to date), and no dep is a
+  file that no longer exists;
+- `stages/` are thin entry points and nothing outside `pipelines/` imports Dagster.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+PACKAGES = ("nanoforge", "stages")  # the project's own importable code
+
+
+def module_file(root: Path, name: str) -> Path | None:
+    """`a.b.c` -> a/b/c.py or a/b/c/__init__.py under root, when it is project code."""
+    if name.split(".")[0] not in PACKAGES:
+        return None
+    base = root / Path(*name.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_modules(root: Path, path: Path) -> set[str]:
+    """Every absolute module name `path` imports, at any depth of its code (lazy imports too)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            # `from nanoforge.training import loop` imports the module nanoforge.training.loop
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def import_closure(root: Path, entry: Path) -> set[Path]:
+    """The project files `entry` needs: itself, what it imports, and their parent packages."""
+    seen: set[Path] = set()
+    todo = [entry]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for name in imported_modules(root, path):
+            parts = name.split(".")
+            for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__.py and a/b/__init__.py
+                found = module_file(root, ".".join(parts[:i]))
+                if found is not None and found not in seen:
+                    todo.append(found)
+    # an empty __init__.py cannot change any output
+    return {p for p in seen if not (p.name == "__init__.py" and not p.read_text().strip())}
+
+
+def stage_entry(root: Path, cmd: str) -> Path | None:
+    match = re.search(r"-m\s+(stages\.[A-Za-z_]+)", cmd)
+    return module_file(root, match.group(1)) if match else None
+
+
+def missing_deps(root: Path) -> dict[str, list[str]]:
+    """stage -> project modules its command imports that its deps do not cover (and stale deps)."""
+    spec = yaml.safe_load((root / "dvc.yaml").read_text())
+    problems: dict[str, list[str]] = {}
+    for name, stage in spec["stages"].items():
+        deps = [str(d) for d in stage.get("deps") or []]
+        entry = stage_entry(root, stage["cmd"])
+        assert entry is not None, f"stage {name}: its cmd does not run a `stages.<name>` module: {stage['cmd']}"
+        needed = sorted(str(p.relative_to(root)) for p in import_closure(root, entry))
+        covered = lambda f: any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps)  # noqa: E731
+        issues = [f"missing dep {f}" for f in needed if not covered(f)]
+        issues += [f"dep {d} does not exist" for d in deps
+                   if d.split("/")[0] in PACKAGES and not (root / d).exists()]
+        if issues:
+            problems[name] = issues
+    return problems
+
+
+def test_every_stage_lists_the_modules_it_imports():
+    problems = missing_deps(REPO)
+    assert not problems, "dvc.yaml deps out of date:\n" + "\n".join(
+        f"  {stage}: {issue}" for stage, issues in problems.items() for issue in issues)
+
+
+def test_the_deps_check_catches_a_missing_module(tmp_path):
+    """The check itself can fail: drop one transitive import from a copy and it is named."""
+    for name in ("nanoforge", "stages"):
+        (tmp_path / name).symlink_to(REPO / name)
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    spec["stages"]["evaluate"]["deps"].remove("nanoforge/runtime.py")
+    spec["stages"]["train"]["deps"].append("nanoforge/gone.py")
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(spec))
+    problems = missing_deps(tmp_path)
+    assert problems == {"evaluate": ["missing dep nanoforge/runtime.py"],
+                        "train": ["dep nanoforge/gone.py does not exist"]}
+
+
+@pytest.mark.parametrize("path", sorted(p.relative_to(REPO) for d in ("nanoforge", "stages")
+                                        for p in (REPO / d).rglob("*.py")), ids=str)
+def test_no_dagster_below_pipelines(path):
+    names = imported_modules(REPO, REPO / path)
+    assert not any(n == "dagster" or n.startswith(("dagster.", "dagster_")) for n in names if n.split(".")[0] != "dagster_pipes"), \
+        f"{path} imports Dagster; only pipelines/ may (stages talk to it through dagster_pipes)"
+
+
+def test_stages_hold_only_entry_points():
+    """stages/ is what you run; the library is nanoforge/. Each entry point stays short."""
+    for path in sorted((REPO / "stages").glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        lines = len(path.read_text().splitlines())
+        assert lines <= 120, f"{path.relative_to(REPO)} has {lines} lines: move the logic into nanoforge/"
+        assert "__main__" in path.read_text(), f"{path.relative_to(REPO)} is not an entry point"

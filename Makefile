@@ -35,20 +35,23 @@ setup: $(STAMP)
 # .venv/bin/dvc points at its script (whose shebang keeps its own interpreter).
 $(STAMP): pyproject.toml constraints.txt Makefile
 	@set -e; start=$$(date +%s); \
+	echo "setup: building $(VENV) (first time: 2-4 minutes and ~1.5 GB; later runs only check it)"; \
 	if [ ! -x $(BIN)/python ]; then $(PYTHON) -m venv $(VENV); fi; \
 	if ! $(BIN)/python -c "import torch" 2>/dev/null; then \
 	  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
-	    echo "setup: CUDA found, torch comes from PyPI"; \
+	    echo "setup: [1/3] CUDA found, torch comes from PyPI with the project (a few GB: several minutes)"; \
 	  else \
-	    echo "setup: no CUDA, installing the CPU build ($(TORCH_CPU))"; \
+	    echo "setup: [1/3] no CUDA, installing the CPU build of torch ($(TORCH_CPU), ~200 MB)"; \
 	    PIP_RETRIES=1 $(BIN)/pip install --quiet "$(TORCH_CPU)" --extra-index-url $(TORCH_CPU_INDEX); \
 	  fi; \
-	fi; \
+	else echo "setup: [1/3] torch is installed"; fi; \
+	echo "setup: [2/3] the project and its pinned dependencies (mlflow, dagster, rustbpe, tiktoken...): about a minute"; \
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'; \
 	if [ ! -x $(DVC_ENV)/bin/dvc ]; then \
+	  echo "setup: [3/3] DVC ($(DVC_SPEC)) in its own tool env $(DVC_ENV): about a minute"; \
 	  $(PYTHON) -m venv $(DVC_ENV); \
 	  $(DVC_ENV)/bin/pip install --quiet '$(DVC_SPEC)'; \
-	fi; \
+	else echo "setup: [3/3] DVC is installed"; fi; \
 	ln -sf "$(CURDIR)/$(DVC_ENV)/bin/dvc" $(BIN)/dvc; \
 	$(BIN)/dvc --version >/dev/null; \
 	touch $@; \

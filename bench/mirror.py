@@ -1,7 +1,8 @@
 """A local mirror of the download stage's sources, and a server for it: demos without the internet.
 
-    python -m bench.mirror build [DIR]                 # default /tmp/nanoforge-mirror
-    python -m bench.mirror serve [DIR] [--port 8765]   # http://127.0.0.1:8765, Ctrl-C to stop
+    python3 -m bench.mirror build [DIR]                # default /tmp/nanoforge-mirror (any python 3)
+    .venv/bin/python -m bench.mirror build --generated # generated data needs the project env (pyarrow)
+    python3 -m bench.mirror serve [DIR] [--port 8765]  # http://127.0.0.1:8765, Ctrl-C to stop
     NANOFORGE_MIRROR=http://127.0.0.1:8765 make demo   # (another shell) the demo downloads from it
     NANOFORGE_MIRROR=/tmp/nanoforge-mirror make demo   # or no HTTP at all: a folder mirror works too
 
@@ -50,7 +51,11 @@ def build_mirror(out: str | Path = DEFAULT_DIR, fineweb: str | Path = SHARED / "
     for old in out.glob("shard_*.parquet"):
         old.unlink()
     if generated:
-        from tests.datagen import make_eval_bundle, make_fineweb
+        try:  # generated shards need pyarrow: the project environment, not the system python
+            from tests.datagen import make_eval_bundle, make_fineweb
+        except ImportError as exc:
+            raise SystemExit(f"build --generated needs the project environment ({exc.name} is missing here): "
+                             "run `make setup`, then `.venv/bin/python -m bench.mirror build --generated`")
 
         make_fineweb(out, train=(0, 1), val=VAL_SHARD, docs_per_shard=2000, row_group_size=1024, manifest=False)
         with tempfile.TemporaryDirectory() as tmp:

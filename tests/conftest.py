@@ -130,6 +130,9 @@ def make_project(root: Path, params: dict | None = None) -> Path:
     run(["git", "config", "user.name", "nanoforge tests"], root)
     run([tool("dvc"), "init", "-q"], root)
     run([tool("dvc"), "config", "core.analytics", "false"], root)
+    # the repo's offline `dvc plots show` page (.dvc/plots.html), as a clone has it
+    shutil.copy2(REPO / ".dvc/plots.html", root / ".dvc/plots.html")
+    run([tool("dvc"), "config", "plots.html_template", "plots.html"], root)
     run([tool("dvc"), "remote", "add", "-d", "local", str(root.parent / f"{root.name}-remote")], root)
     run(["git", "add", "-A"], root)
     run(["git", "commit", "-q", "-m", "project"], root)

@@ -1,11 +1,9 @@
-"""Register the trained model in MLflow and make it the champion only when it is better.
-
-    python -m stages.register                 # dvc.yaml stage `register`, after evaluate
+"""Register the trained model in MLflow; make it the champion only when it is better (entry point: stages/register.py).
 
 Notable:
 - Logs artifacts/model (weights + config) and artifacts/tokenizer as one MLflow
   pyfunc model whose predict() generates text: prompts in, completions out. It is
-  an MLflow "model from code" (this file; no pickle), and the stages package
+  an MLflow "model from code" (this file; no pickle), and the nanoforge package
   travels with it, so
   `mlflow.pyfunc.load_model("models:/nanoforge-base@champion").predict(["The sky"])`
   works anywhere with the dependencies installed. Requirements are pinned from
@@ -26,24 +24,21 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
-from nanoforge import pipes
-from nanoforge.common import ARTIFACTS_DIR, EVAL_DIR, MODEL_DIR, TOKENIZER_DIR, TRAIN_DIR, get_logger, read_json, write_json
-from nanoforge.config import ConfigError, load_params, stage_parser
-from nanoforge.tracking import stage_run, tracking_uri
+from nanoforge.common import ARTIFACTS_DIR, EVAL_DIR, MODEL_DIR, TOKENIZER_DIR, TRAIN_DIR, read_json, write_json
+from nanoforge.tokenizer.bpe import META_FILE, RANKS_FILE
+from nanoforge.tracking import tracking_uri
+from nanoforge.training.checkpoint import CONFIG, WEIGHTS
 
 ALIAS = "champion"
 REGISTRY_DIR = ARTIFACTS_DIR / "registry"
 DECISION_FILE = REGISTRY_DIR / "decision.json"
-MODEL_FILES = ("model.safetensors", "config.json")
-TOKENIZER_FILES = ("tokenizer.tiktoken", "tokenizer.json")
+MODEL_FILES = (WEIGHTS, CONFIG)  # defined where the model is saved: training/checkpoint.py
+TOKENIZER_FILES = (RANKS_FILE, META_FILE)
 REQUIREMENTS = ("torch", "numpy", "tiktoken", "safetensors", "pyyaml", "pydantic", "pyarrow")
-
-log = get_logger("register")
 
 
 class RegisterError(RuntimeError):
@@ -180,7 +175,7 @@ def log_and_register(run, name: str, candidate: dict) -> tuple[str, Any]:
     # prompts in, completions out; generation knobs as inference-time params
     signature = infer_signature(["The capital of France is"], ["Paris"],
                                 params={"max_tokens": 32, "temperature": 0.0, "seed": 42})
-    stages_dir = Path(__file__).resolve().parent
+    package_dir = Path(__file__).resolve().parent
     with mlflow.start_run(run_id=run.run_id):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -188,7 +183,7 @@ def log_and_register(run, name: str, candidate: dict) -> tuple[str, Any]:
                 name="model",
                 python_model=str(Path(__file__).resolve()),  # models from code: no pickle
                 artifacts={"model": str(MODEL_DIR.resolve()), "tokenizer": str(TOKENIZER_DIR.resolve())},
-                code_paths=[str(stages_dir)],
+                code_paths=[str(package_dir)],
                 pip_requirements=_requirements(),
                 signature=signature,
             )
@@ -205,63 +200,36 @@ def run_tags(run) -> dict:
         return {}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = stage_parser("register", __doc__.split("\n\n")[0])
-    args = parser.parse_args(argv)
-    try:
-        # this stage reads the `pipeline` section (its registered_model), like the orchestrator
-        cfg = load_params(args.params, args.overrides, section="pipeline").pipeline
-        print("[register] resolved config:\n  registered_model: " + cfg.registered_model, flush=True)
-        candidate = check_inputs()
-    except (ConfigError, RegisterError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    name = cfg.registered_model
-    try:
-        with stage_run("register", {"registered_model": name}) as run:
-            if not run.enabled:
-                raise RegisterError(f"MLflow tracking at {tracking_uri()} is off or unreachable: cannot register the model")
-            before = champion(run._client, name)
-            promote, reason = decide(candidate, before)
-            model_uri, mv = log_and_register(run, name, candidate)
-            if promote:
-                run._client.set_registered_model_alias(name, ALIAS, mv.version)
-            decision = {
-                "decision": "promoted" if promote else "kept",
-                "reason": reason,
-                "registered_model": name,
-                "version": int(mv.version),
-                "model_uri": model_uri,
-                "candidate": candidate,
-                "champion_before": before,
-                "champion_after": int(mv.version) if promote else (before or {}).get("version"),
-                "mlflow_run_id": run.run_id,
-            }
-            run.set_tags({"decision": decision["decision"], "decision_reason": reason, "model_version": mv.version,
-                          "champion_version": decision["champion_after"] or ""})
-            run.log_metrics({k: v for k, v in {
-                "candidate_val_bpb": candidate["val_bpb"], "candidate_core": candidate["core"],
-                "champion_val_bpb": (before or {}).get("val_bpb"), "champion_core": (before or {}).get("core"),
-                "promoted": float(promote)}.items() if v is not None and math.isfinite(v)})
-            write_json(DECISION_FILE, decision)
-            run.log_artifact(DECISION_FILE)
-    except RegisterError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    champ = before or {}
-    log.info("%s v%s of %s: %s", decision["decision"], mv.version, name, reason)
-    report = {
-        "decision": decision["decision"], "reason": reason, "model_version": int(mv.version),
-        "candidate_val_bpb": candidate["val_bpb"], "champion_val_bpb": champ.get("val_bpb"),
-        "champion_version_before": champ.get("version"), "model_uri": model_uri, "mlflow_run_id": run.run_id,
+def register_and_decide(run, name: str, candidate: dict) -> dict:
+    """Register the candidate as a new version of `name`, move the alias when it wins; the decision, also on disk."""
+    before = champion(run._client, name)
+    promote, reason = decide(candidate, before)
+    model_uri, mv = log_and_register(run, name, candidate)
+    if promote:
+        run._client.set_registered_model_alias(name, ALIAS, mv.version)
+    decision = {
+        "decision": "promoted" if promote else "kept",
+        "reason": reason,
+        "registered_model": name,
+        "version": int(mv.version),
+        "model_uri": model_uri,
+        "candidate": candidate,
+        "champion_before": before,
+        "champion_after": int(mv.version) if promote else (before or {}).get("version"),
+        "mlflow_run_id": run.run_id,
     }
-    pipes.report({k: v for k, v in report.items() if v is not None})
-    return 0
+    run.set_tags({"decision": decision["decision"], "decision_reason": reason, "model_version": mv.version,
+                  "champion_version": decision["champion_after"] or ""})
+    run.log_metrics({k: v for k, v in {
+        "candidate_val_bpb": candidate["val_bpb"], "candidate_core": candidate["core"],
+        "champion_val_bpb": (before or {}).get("val_bpb"), "champion_core": (before or {}).get("core"),
+        "promoted": float(promote)}.items() if v is not None and math.isfinite(v)})
+    write_json(DECISION_FILE, decision)
+    run.log_artifact(DECISION_FILE)
+    return decision
 
 
-if __name__ == "__main__":
-    sys.exit(main())
-elif _Base is not object:  # MLflow loads this file as the model's code
+if _Base is not object:  # MLflow loads this file as the model's code
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         __import__("mlflow.models", fromlist=["set_model"]).set_model(TextGenerator())

@@ -1,8 +1,54 @@
-"""The register stage: `python -m stages.register`."""
+"""The register stage: artifacts/model as a new MLflow model version, promoted to champion only when better.
+
+    python -m stages.register                 # dvc.yaml stage `register`, after evaluate
+
+The work is in nanoforge/registry.py: the pyfunc model MLflow serves, the promotion rule, the registration.
+"""
+
+from __future__ import annotations
 
 import sys
 
-from nanoforge.registry import main
+from nanoforge import pipes
+from nanoforge.common import get_logger
+from nanoforge.config import ConfigError, load_params, stage_parser
+from nanoforge.registry import RegisterError, check_inputs, register_and_decide
+from nanoforge.tracking import stage_run, tracking_uri
+
+log = get_logger("register")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser("register", __doc__.split("\n\n")[0])
+    args = parser.parse_args(argv)
+    try:
+        # this stage reads the `pipeline` section (its registered_model), like the orchestrator
+        cfg = load_params(args.params, args.overrides, section="pipeline").pipeline
+        print("[register] resolved config:\n  registered_model: " + cfg.registered_model, flush=True)
+        candidate = check_inputs()
+    except (ConfigError, RegisterError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    name = cfg.registered_model
+    try:
+        with stage_run("register", {"registered_model": name}) as run:
+            if not run.enabled:
+                raise RegisterError(f"MLflow tracking at {tracking_uri()} is off or unreachable: cannot register the model")
+            decision = register_and_decide(run, name, candidate)
+    except RegisterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    champ = decision["champion_before"] or {}
+    log.info("%s v%s of %s: %s", decision["decision"], decision["version"], name, decision["reason"])
+    report = {
+        "decision": decision["decision"], "reason": decision["reason"], "model_version": decision["version"],
+        "candidate_val_bpb": candidate["val_bpb"], "champion_val_bpb": champ.get("val_bpb"),
+        "champion_version_before": champ.get("version"), "model_uri": decision["model_uri"],
+        "mlflow_run_id": run.run_id,
+    }
+    pipes.report({k: v for k, v in report.items() if v is not None})
+    return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,6 +27,7 @@ import nanoforge.data.fetch as fetch
 from nanoforge.config import load_params
 from nanoforge.data.eval_bundle import BundleError, check_bundle, unpack_bundle
 from nanoforge.data.shards import read_manifest, shard_stats
+from stages.download import main
 from tests.conftest import REPO, make_project, run, tool
 from tests.datagen import make_eval_bundle, make_fineweb, write_shard
 from tests.mirror_server import MirrorServer
@@ -91,7 +92,7 @@ def logs():
 
 
 def stage(*args: str) -> int:
-    return download.main(list(args))
+    return main(list(args))
 
 
 def assert_clean(data: Path = Path("data")) -> None:

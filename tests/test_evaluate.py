@@ -134,7 +134,7 @@ def test_torchrun_two_processes_match_one(inputs, single, tmp_path):
 # bad inputs: exit 2 with the reason, nothing written, no MLflow run
 
 def _main_in(project: Path, monkeypatch, *args: str) -> int:
-    from nanoforge.evaluation.evaluate import main
+    from stages.evaluate import main
 
     monkeypatch.chdir(project)
     return main(list(args))

@@ -22,9 +22,11 @@ from pathlib import Path
 
 import pytest
 
+from nanoforge import pipes
 from nanoforge.reporting import report
 from nanoforge.config import ConfigError, load_params
 from nanoforge.reporting.doc import count, duration, nbytes, percent, si, sig, signed, usd
+from stages.report import main
 from tests.conftest import REPO, run, tool
 
 SECTIONS = ["## Run", "## Data", "## Tokenizer", "## Training", "## Evaluation", "## Comparison with earlier runs"]
@@ -156,7 +158,7 @@ def workdir(tmp_path, monkeypatch):
 
 
 def make_report(root: Path, *args: str) -> tuple[str, str]:
-    assert report.main(list(args)) == 0
+    assert main(list(args)) == 0
     return (root / "reports/report.md").read_text(), (root / "reports/report.html").read_text()
 
 
@@ -203,7 +205,7 @@ def test_full_report_from_contract_outputs(workdir, monkeypatch):
         f.write("# changed\n")
     (workdir / "artifacts/.gitignore").write_text("/model\n")
     sent = []
-    monkeypatch.setattr(report.pipes, "report", lambda metadata: sent.append(metadata) or True)
+    monkeypatch.setattr(pipes, "report", lambda metadata: sent.append(metadata) or True)
     md, page = make_report(workdir)
     # what Dagster gets: where the report is, and the headline numbers
     (meta,) = sent
@@ -302,9 +304,9 @@ def test_gpu_cost_uses_the_price_table(workdir):
 
 def test_bad_params_fail_before_work(workdir, capsys):
     write_outputs(workdir)
-    assert report.main(["--set", "champion=nanoforge-base"]) == 2
+    assert main(["--set", "champion=nanoforge-base"]) == 2
     assert "report.champion='nanoforge-base': expected 'model_name@alias'" in capsys.readouterr().err
-    assert report.main(["--set", "compare_runs=-1"]) == 2
+    assert main(["--set", "compare_runs=-1"]) == 2
     assert not (workdir / "reports").exists()
 
 

@@ -16,11 +16,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from nanoforge.tokenizer import training as stage
+from nanoforge import pipes
 from nanoforge.tokenizer.bpe import META_FILE, RANKS_FILE, load_tokenizer
 from nanoforge.common import read_json, shard_name
 from nanoforge.config import TokenizerConfig
 from nanoforge.data.shards import build_manifest, read_manifest, write_manifest
 from nanoforge.tracking import EXPERIMENT, tracking_uri
+from stages.tokenizer import main
 from tests.conftest import make_project, run, tool
 from tests.datagen import make_documents, make_fineweb, write_shard
 
@@ -135,9 +137,9 @@ def test_a_vocab_the_text_cannot_fill_and_doc_cap_shortfalls_are_warnings(tmp_pa
     monkeypatch.chdir(root)
     monkeypatch.setenv("NANOFORGE_TRACKING", "off")  # MLflow is covered end to end above; spare its start-up
     reported = []
-    monkeypatch.setattr(stage.pipes, "report", reported.append)  # what Dagster would receive under Pipes
+    monkeypatch.setattr(pipes, "report", reported.append)  # what Dagster would receive under Pipes
     # the manifest holds enough characters, but doc_cap leaves less; and 5000 tokens is more than it can fill
-    code = stage.main(["--set", "vocab_size=5000", "--set", f"max_chars={total - 1}", "--set", "doc_cap=100"])
+    code = main(["--set", "vocab_size=5000", "--set", f"max_chars={total - 1}", "--set", "doc_cap=100"])
     assert code == 0
     m = read_json(root / "artifacts" / "tokenizer" / "metrics.json")
     (meta,) = reported
@@ -207,7 +209,7 @@ def test_bad_input_fails_before_any_work(tmp_path, monkeypatch, capsys, breakage
         breakage(root / "data" / "fineweb")
     monkeypatch.chdir(root)
     t0 = time.perf_counter()
-    assert stage.main(argv) == 2
+    assert main(argv) == 2
     assert time.perf_counter() - t0 < 5
     err = capsys.readouterr().err
     assert err.startswith("error: ") and __import__("re").search(message, err), err
@@ -241,7 +243,7 @@ def test_tiny_preset_on_real_fineweb_sample(tmp_path, monkeypatch):
     shutil.copyfile(Path(__file__).resolve().parents[1] / "params.yaml", tmp_path / "params.yaml")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("NANOFORGE_TRACKING", "off")
-    assert stage.main([]) == 0
+    assert main([]) == 0
     m = read_json(tmp_path / "artifacts" / "tokenizer" / "metrics.json")
     assert m["vocab_size"] == TokenizerConfig().vocab_size and m["roundtrip_ok"] is True
     # the pipeline's tokenizer asset check wants >= 3.0 bytes/token on the validation text

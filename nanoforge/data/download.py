@@ -1,9 +1,4 @@
-"""Stage 1: FineWeb-Edu shards and the CORE eval bundle into data/, versioned by DVC.
-
-    python -m stages.download                              # params.yaml's download section
-    python -m stages.download --set num_train_shards=8     # a one-off change
-    python -m stages.download --only-shards 0-3,1822 --no-dvc-add   # a subset (orchestrator partitions)
-    NANOFORGE_MIRROR=http://127.0.0.1:8765 python -m stages.download   # a mirror: URL or folder
+"""FineWeb-Edu shards and the CORE eval bundle into data/, versioned by DVC (entry point: stages/download.py).
 
 Notable:
 - Sources. Shard i is {base_url}/shard_{i:05d}.parquet (HF_ENDPOINT, if set, replaces
@@ -49,15 +44,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from nanoforge import pipes
 from nanoforge.common import DATA_DIR, EVAL_BUNDLE_DIR, FINEWEB_DIR, MANIFEST_FILE, get_logger, sha256_file, shard_name
-from nanoforge.config import LAST_SHARD, ConfigError, DownloadConfig, parse_override, resolve, stage_parser
+from nanoforge.config import LAST_SHARD, ConfigError, DownloadConfig
 from nanoforge.data.eval_bundle import BundleError, bundle_ok, check_bundle, copy_bundle, unpack_bundle
 from nanoforge.data.fetch import (
     DiskFullError, FetchError, fetch, free_bytes, is_locked, is_url, locked, part_path, probe, show_progress,
 )
 from nanoforge.data.shards import ShardError, build_manifest, read_manifest, shard_facts, write_manifest
-from nanoforge.tracking import stage_run
 
 HF = "https://huggingface.co"
 MIRROR_ENV = "NANOFORGE_MIRROR"
@@ -266,52 +259,8 @@ def download_shards(
         return report
 
     sizes = _preflight(todo, sources, cfg, directory)
-    results: dict[int, object] = {}
-    errors: dict[int, BaseException] = {}
     with show_progress("shards", len(todo), {shard_name(i): sizes.get(i) for i in todo}) as progress:
-
-        def one(index: int):
-            path = directory / shard_name(index)
-            with locked(path):
-                if index in invalid:
-                    path.unlink(missing_ok=True)
-                elif path.exists():  # another process fetched it while we waited for the lock
-                    facts = existing_shard(path, None)
-                    if facts is not None:
-                        progress.finished(path.name)
-                        return facts, None
-                    path.unlink(missing_ok=True)
-                result = fetch(sources.shard(index), path, verify=shard_facts, timeout=cfg.timeout_s,
-                               max_retries=cfg.max_retries, progress=progress.update, stop=stop)
-            progress.finished(path.name)
-            resumed = f", resumed at {result.resumed_from / 1e6:.1f} MB" if result.resumed_from else ""
-            retried = f", {result.attempts - 1} retries" if result.attempts > 1 else ""
-            log.info("%s: %.1f MB in %.1fs%s%s, %d rows, verified", path.name, result.bytes / 1e6, result.seconds,
-                     resumed, retried, result.verified["rows"])
-            return result.verified, result
-
-        pool = cf.ThreadPoolExecutor(max_workers=min(cfg.workers, len(todo)), thread_name_prefix="download")
-        futures = {pool.submit(one, i): i for i in todo}
-        try:
-            for future in cf.as_completed(futures):
-                index = futures[future]
-                if future.cancelled():
-                    continue
-                try:
-                    results[index] = future.result()
-                except (FetchError, ShardError, OSError) as exc:
-                    errors[index] = exc
-                    if isinstance(exc, DiskFullError):  # the others would fail too: stop them now
-                        stop.set()
-                    for f in futures:  # fail fast: start nothing new; running downloads finish and stay
-                        f.cancel()
-        except BaseException:  # Ctrl-C: stop the workers; their .part files stay for the next run
-            stop.set()
-            for f in futures:
-                f.cancel()
-            raise
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+        results, errors = _fetch_parallel(todo, invalid, cfg, sources, directory, stop, progress)
         if progress.bar is None and progress.transferred:
             log.info("%s", progress.line())
         report.transferred = progress.transferred
@@ -332,6 +281,57 @@ def download_shards(
             + "\n".join(lines)
         )
     return report
+
+
+def _fetch_parallel(todo: list[int], invalid: set[int], cfg: DownloadConfig, sources: Sources, directory: Path,
+                    stop: threading.Event, progress) -> tuple[dict[int, tuple], dict[int, BaseException]]:
+    """Fetch `todo` on cfg.workers threads; (index -> (facts, FetchResult | None), index -> error). Fails fast."""
+    results: dict[int, tuple] = {}
+    errors: dict[int, BaseException] = {}
+
+    def one(index: int):
+        path = directory / shard_name(index)
+        with locked(path):
+            if index in invalid:
+                path.unlink(missing_ok=True)
+            elif path.exists():  # another process fetched it while we waited for the lock
+                facts = existing_shard(path, None)
+                if facts is not None:
+                    progress.finished(path.name)
+                    return facts, None
+                path.unlink(missing_ok=True)
+            result = fetch(sources.shard(index), path, verify=shard_facts, timeout=cfg.timeout_s,
+                           max_retries=cfg.max_retries, progress=progress.update, stop=stop)
+        progress.finished(path.name)
+        resumed = f", resumed at {result.resumed_from / 1e6:.1f} MB" if result.resumed_from else ""
+        retried = f", {result.attempts - 1} retries" if result.attempts > 1 else ""
+        log.info("%s: %.1f MB in %.1fs%s%s, %d rows, verified", path.name, result.bytes / 1e6, result.seconds,
+                 resumed, retried, result.verified["rows"])
+        return result.verified, result
+
+    pool = cf.ThreadPoolExecutor(max_workers=min(cfg.workers, len(todo)), thread_name_prefix="download")
+    futures = {pool.submit(one, i): i for i in todo}
+    try:
+        for future in cf.as_completed(futures):
+            index = futures[future]
+            if future.cancelled():
+                continue
+            try:
+                results[index] = future.result()
+            except (FetchError, ShardError, OSError) as exc:
+                errors[index] = exc
+                if isinstance(exc, DiskFullError):  # the others would fail too: stop them now
+                    stop.set()
+                for f in futures:  # fail fast: start nothing new; running downloads finish and stay
+                    f.cancel()
+    except BaseException:  # Ctrl-C: stop the workers; their .part files stay for the next run
+        stop.set()
+        for f in futures:
+            f.cancel()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return results, errors
 
 
 def _preflight(todo: list[int], sources: Sources, cfg: DownloadConfig, directory: Path) -> dict[int, int | None]:
@@ -583,52 +583,3 @@ def _speed(shards: ShardReport) -> dict:
     return {"downloaded_shards": len(shards.downloaded), "present_shards": len(shards.present),
             "downloaded_bytes": shards.transferred, "attempts": shards.attempts,
             "download_seconds": shards.seconds, "mb_per_s": shards.mb_per_s}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = stage_parser("download", __doc__.split("\n\n")[0])
-    parser.add_argument("--only-shards", metavar="LIST",
-                        help="fetch just these shards, e.g. 0,3,1822 or 0-7 (no bundle, manifest or dvc add)")
-    parser.add_argument("--no-dvc-add", action="store_true", help="don't run `dvc add data` at the end")
-    args = parser.parse_args(argv)
-    try:
-        params = resolve("download", args)
-        cfg = params.download
-        only = parse_indices(args.only_shards) if args.only_shards is not None else None
-        overridden = {parse_override(o, "download")[0].split(".", 1)[1] for o in args.overrides}
-        sources = resolve_sources(cfg, overridden)
-        print(f"[download] {sources.describe()}", flush=True)
-        check_sources(sources, only if only is not None else configured_indices(cfg), bundle=only is None)
-    except (ConfigError, DownloadError, BundleError, ShardError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-    logged = {**cfg.model_dump(mode="json"), "shards_source": sources.shards, "bundle_source": sources.bundle}
-    tags = {"only_shards": args.only_shards} if only is not None else {}
-    try:
-        with stage_run("download", logged, tags=tags) as run:
-            summary = run_download(cfg, sources, only, run_dvc=not args.no_dvc_add)
-            final = summary.pop("final")
-            run.log_metrics({k: v for k, v in summary.items() if isinstance(v, (int, float))})
-            if final is not None and run.enabled:  # (set_tags imports mlflow even when tracking is off)
-                run.log_artifact(MANIFEST_FILE)
-                run.set_tags({"data_dvc": final["dvc"]["status"], "data_dvc_changed": final["dvc"]["changed"],
-                              "data_dvc_md5": final["dvc"]["md5"] or ""})
-    except (DownloadError, FetchError, BundleError, ShardError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: finished files are kept and partial ones resume on the next run", file=sys.stderr)
-        return 130
-    pipes.report({k: summary[k] for k in ("shards", "rows", "chars", "bytes", "seconds", "downloaded_shards", "mb_per_s")}
-                 | {"mlflow_run_id": run.run_id})
-    what = "shards" if only is not None else "shards + eval bundle"
-    print(f"[download] {summary['shards']} {what}: {summary['rows']:,} rows, {summary['chars']:,} characters, "
-          f"{summary['bytes'] / 1e6:,.1f} MB; fetched {summary['downloaded_shards']} shards "
-          f"({summary['downloaded_bytes'] / 1e6:,.1f} MB, {summary['mb_per_s']:.1f} MB/s) in {summary['seconds']:.1f}s",
-          flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

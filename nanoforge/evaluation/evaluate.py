@@ -1,14 +1,13 @@
-"""Stage 4, evaluate: val/train bits per byte, DCLM CORE, and samples of the trained model.
+"""Evaluate the trained model: val/train bits per byte, DCLM CORE, samples (entry point: stages/evaluate.py).
 
-`python -m stages.evaluate`, or `torchrun --nproc_per_node=N -m stages.evaluate`
-(BPB rows and CORE items are split over the ranks and summed back).
+Under torchrun, BPB rows and CORE items are split over the ranks and summed back.
 
 Notable:
 - Every input is checked before the model is loaded: params, the model files and
   their vocabulary against the tokenizer's, the shard manifest, and the whole eval
   bundle (every line of every task parsed and validated).
 - BPB: the first `val_tokens` tokens of the pinned val shard and of the train
-  shards, the same tokens every run (stages/bpb.py). CORE: stages/core.py, with
+  shards, the same tokens every run (evaluation/bpb.py). CORE: evaluation/core.py, with
   sequences cropped to the model's context and rows packed into batches of
   `device_batch_size` contexts.
 - Writes artifacts/eval/{metrics.json, core.csv, samples.json} atomically on rank 0;
@@ -21,31 +20,28 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sys
 import time
 
-from nanoforge import pipes
 from nanoforge.tokenizer.bpe import TokenizerError, load_tokenizer
-from nanoforge.common import EVAL_BUNDLE_DIR, EVAL_DIR, FINEWEB_DIR, MODEL_DIR, TOKENIZER_DIR, get_logger, is_rank0, read_json, write_json, write_text
-from nanoforge.config import ConfigError, resolve, stage_parser
-from nanoforge.evaluation.core import BundleError, load_bundle
-from nanoforge.data.shards import ShardError, read_manifest, train_shard_paths, val_shard_path
-from nanoforge.tracking import stage_run
+from nanoforge.common import EVAL_BUNDLE_DIR, EVAL_DIR, FINEWEB_DIR, MODEL_DIR, TOKENIZER_DIR, read_json, write_json, write_text
+from nanoforge.evaluation.core import load_bundle
+from nanoforge.data.shards import read_manifest, train_shard_paths, val_shard_path
+from nanoforge.training.checkpoint import CONFIG, WEIGHTS
 
 CSV_COLUMNS = ["task", "accuracy", "centered", "items", "random_baseline", "seconds", "correct", "shots"]
-MODEL_FILES = ("model.safetensors", "config.json")
+OUTPUT_FILES = ("metrics.json", "core.csv", "samples.json")
 
 
 def check_inputs(cfg, log) -> dict:
     """Everything the stage reads, validated; raises with a message naming the problem and the fix."""
-    for name in MODEL_FILES:
+    for name in (WEIGHTS, CONFIG):
         if not (MODEL_DIR / name).exists():
             raise FileNotFoundError(f"{MODEL_DIR / name}: missing; train a model first (dvc repro train)")
     try:
-        model_meta = read_json(MODEL_DIR / "config.json")
+        model_meta = read_json(MODEL_DIR / CONFIG)
         model_vocab = model_meta["model"]["vocab_size"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise FileNotFoundError(f"{MODEL_DIR / 'config.json'}: unreadable or without model.vocab_size ({exc})") from None
+        raise FileNotFoundError(f"{MODEL_DIR / CONFIG}: unreadable or without model.vocab_size ({exc})") from None
     tokenizer = load_tokenizer(TOKENIZER_DIR)
     if tokenizer.vocab_size != model_vocab:
         raise TokenizerError(
@@ -154,53 +150,11 @@ def write_outputs(out: dict, inputs: dict, runtime, run_id: str | None) -> dict:
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = stage_parser("evaluate", __doc__)
-    args = parser.parse_args(argv)
-    log = get_logger("evaluate")
-    try:
-        params = resolve("evaluate", args, quiet=not is_rank0())
-        cfg = params.evaluate
-        inputs = check_inputs(cfg, log)
-    except (ConfigError, BundleError, ShardError, TokenizerError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-    from nanoforge.runtime import init_runtime, shutdown
-
-    runtime = init_runtime(cfg.device, cfg.dtype)
-    try:
-        tags = {"world_size": runtime.world_size, "device": str(runtime.device)}
-        with stage_run("evaluate", cfg.model_dump(mode="json"), tags=tags) as run:
-            out = run_evaluation(cfg, inputs, runtime, log)
-            if runtime.is_main:
-                train_run = out["model_train"].get("mlflow_run_id")
-                if train_run:
-                    run.set_tags({"model.train_run_id": train_run})
-                metrics = write_outputs(out, inputs, runtime, run.run_id)
-                flat = {"val_bpb": metrics["val_bpb"], "train_bpb": metrics["train_bpb"], "core": metrics["core"],
-                        "eval_seconds": metrics["eval_seconds"]}
-                for label, task in metrics["tasks"].items():
-                    flat[f"core.{label}.accuracy"] = task["accuracy"]
-                    flat[f"core.{label}.centered"] = task["centered"]
-                run.log_metrics(flat)
-                for name in ("metrics.json", "core.csv", "samples.json"):
-                    run.log_artifact(EVAL_DIR / name, "eval")
-        if runtime.is_main:
-            pipes.report({
-                "val_bpb": metrics["val_bpb"],
-                "train_bpb": metrics["train_bpb"],
-                "core": metrics["core"],
-                "tasks_table": pipes.markdown(markdown_table(task_table(out["results"]), metrics["core"])),
-                "eval_seconds": metrics["eval_seconds"],
-                "mlflow_run_id": run.run_id,
-            })
-            log.info("val_bpb %.4f  train_bpb %.4f  CORE %.4f  -> %s", metrics["val_bpb"], metrics["train_bpb"],
-                     metrics["core"], EVAL_DIR / "metrics.json")
-    finally:
-        shutdown(runtime)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def mlflow_metrics(metrics: dict) -> dict[str, float]:
+    """The headline numbers and each task's accuracy, flat, as the evaluate run logs them."""
+    flat = {"val_bpb": metrics["val_bpb"], "train_bpb": metrics["train_bpb"], "core": metrics["core"],
+            "eval_seconds": metrics["eval_seconds"]}
+    for label, task in metrics["tasks"].items():
+        flat[f"core.{label}.accuracy"] = task["accuracy"]
+        flat[f"core.{label}.centered"] = task["centered"]
+    return flat

@@ -1,4 +1,4 @@
-"""Report stage: one human report of the whole run, as Markdown beside its PNGs and as one self-contained HTML file.
+"""One human report of the whole run: Markdown beside its PNGs and one self-contained HTML file (entry point: stages/report.py).
 
 Notable:
 - Reads only upstream *outputs* (manifest, tokenizer/train/eval metrics, steps.csv,
@@ -21,7 +21,6 @@ import csv
 import hashlib
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,18 +28,16 @@ from typing import Any
 
 import yaml
 
-from nanoforge import pipes
 from nanoforge.reporting import plots
 from nanoforge.common import (
     EVAL_DIR, MANIFEST_FILE, MODEL_DIR, REPORTS_DIR, TOKENIZER_DIR, TRAIN_DIR, atomic_dir, get_logger, write_text,
 )
-from nanoforge.config import ConfigError, ReportConfig, flatten, resolve, stage_parser
+from nanoforge.config import ReportConfig, flatten
 from nanoforge.reporting.doc import (
     NA, Doc, count, duration, finite, nbytes, percent, si, sig, signed, to_html, to_markdown, usd,
 )
 from nanoforge.reporting.history import HEADLINE, History, load_history, train_run_params
-from nanoforge.sysinfo import system_info
-from nanoforge.tracking import _reachable, git_info, stage_run, tracking_uri
+from nanoforge.tracking import _reachable, git_info, tracking_uri
 
 log = get_logger("report")
 
@@ -556,62 +553,29 @@ def _readable(directory: Path) -> None:
         path.chmod(0o666 & ~umask)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = stage_parser("report", __doc__)
-    args = parser.parse_args(argv)
-    try:
-        params = resolve("report", args)
-        cfg = params.report
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    inputs = load_inputs()
-    for problem in inputs.problems.values():
-        log.info("%s", problem)
-    train_run_id = (inputs.get("train") or {}).get("mlflow_run_id")
-    eval_run_id = (inputs.get("eval") or {}).get("mlflow_run_id")
-    machine = system_info()
-    tags = {k: v for k, v in {"train_run_id": train_run_id, "evaluate_run_id": eval_run_id}.items() if v}
-    with stage_run("report", cfg.model_dump(mode="json"), tags=tags) as run:
-        history, history_note = None, None
-        if not _reachable(tracking_uri()):
-            history_note = f"Not run: MLflow at `{tracking_uri()}` is unreachable."
-        else:
-            history = load_history(train_run_id, cfg.compare_runs, cfg.champion)
-            inputs.values["train_params"] = train_run_params(train_run_id)
-        run_urls = {name: rid for name, rid in (("train", train_run_id), ("evaluate", eval_run_id)) if rid}
-        if run.enabled:
-            run_urls["report"] = run.url
-        with atomic_dir(REPORTS_DIR) as out_dir:
-            doc, facts, figures = build(inputs, cfg, out_dir, machine, history, history_note, run_urls)
-            write_report(doc, out_dir)
-            _readable(out_dir)
-        numbers = headline(inputs)
-        numbers.update({"cost_usd": facts["cost_usd"], "hourly_usd": facts["hourly_usd"]})
-        run.log_metrics({k: v for k, v in numbers.items() if v is not None})
-        run.set_tags({"git_commit_report": facts["git_commit"]})
-        run.log_artifact(REPORTS_DIR, "report")
-    log.info("wrote %s and %s (%d figures)", REPORT_MD, REPORT_HTML, len(figures))
-    pipes.report({
-        "report_html": str(REPORT_HTML.resolve()),
-        "report_md": str(REPORT_MD.resolve()),
-        "figures": len(figures),
-        "sections_not_run": len(inputs.problems),
-        **{k: v for k, v in numbers.items() if v is not None},
-        "mlflow_run_id": run.run_id,
-        "summary": pipes.markdown(_summary(numbers)),
-    })
-    return 0
+def read_history(cfg: ReportConfig, train_run_id: str | None, inputs: Inputs) -> tuple[History | None, str | None]:
+    """Earlier runs and the champion from MLflow, or (None, why not); adds the train run's params to `inputs`."""
+    if not _reachable(tracking_uri()):
+        return None, f"Not run: MLflow at `{tracking_uri()}` is unreachable."
+    history = load_history(train_run_id, cfg.compare_runs, cfg.champion)
+    inputs.values["train_params"] = train_run_params(train_run_id)
+    return history, None
 
 
-def _summary(numbers: dict) -> str:
+def write_reports(inputs: Inputs, cfg: ReportConfig, machine: dict, history: History | None,
+                  history_note: str | None, run_urls: dict[str, str]) -> tuple[dict, list[str]]:
+    """reports/ as a whole (Markdown, HTML, PNGs), swapped in atomically; (header facts, figure names)."""
+    with atomic_dir(REPORTS_DIR) as out_dir:
+        doc, facts, figures = build(inputs, cfg, out_dir, machine, history, history_note, run_urls)
+        write_report(doc, out_dir)
+        _readable(out_dir)
+    return facts, figures
+
+
+def summary_markdown(numbers: dict) -> str:
     keys = [(k, label) for k, label, _ in HEADLINE] + [("cost_usd", "training cost")]
     lines = ["| metric | value |", "|---|---:|"]
     for key, label in keys:
         value = numbers.get(key)
         lines.append(f"| {label} | {usd(value) if key == 'cost_usd' else fmt_metric(key, value)} |")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Stage 2, tokenizer: train a byte-level BPE on the training shards with rustbpe, then evaluate it.
+"""Train a byte-level BPE on the training shards with rustbpe, then evaluate it (entry point: stages/tokenizer.py).
 
 Notable:
 - Trains on the manifest's training shards only, never the pinned validation
@@ -15,7 +15,7 @@ Notable:
   timings go to metrics.json, a DVC metric that is not cached.
 - The evaluation loads the tokenizer back from those files, so it also proves
   they load: bytes per token on a held-out slice of the validation shard and on
-  fixed texts (stages/tokenizer_texts.py), side by side with tiktoken's gpt2 and
+  fixed texts (nanoforge/tokenizer/texts.py), side by side with tiktoken's gpt2 and
   cl100k_base when tiktoken has them cached. Offline they are skipped with a
   note; set NANOFORGE_OFFLINE=1 to skip even the bounded download attempt.
 """
@@ -39,16 +39,14 @@ from typing import Iterator
 
 import pyarrow.parquet as pq
 
-from nanoforge import pipes
 from nanoforge.tokenizer.bpe import (
-    META_FILE, RANKS_FILE, SPECIAL_TOKENS, Tokenizer, TokenizerError, check_vocab_size,
+    META_FILE, RANKS_FILE, SPECIAL_TOKENS, Tokenizer, check_vocab_size,
     load_tokenizer, train_bpe,
 )
 from nanoforge.common import FINEWEB_DIR, TOKENIZER_DIR, get_logger, write_json
-from nanoforge.config import ConfigError, TokenizerConfig, resolve, stage_parser
+from nanoforge.config import TokenizerConfig
 from nanoforge.data.shards import ShardError, iter_row_groups, read_manifest, train_shard_paths, val_shard_path
 from nanoforge.tokenizer.texts import TEXTS
-from nanoforge.tracking import stage_run
 
 log = get_logger("tokenizer")
 
@@ -319,137 +317,110 @@ def _version(package: str) -> str:
         return "unknown"
 
 
-def run_stage(cfg: TokenizerConfig, inputs: Inputs) -> tuple[dict, str]:
-    """Train, save, evaluate, log; returns metrics.json's content and the markdown compression table."""
-    with stage_run("tokenizer", cfg.model_dump(mode="json")) as run:
-        log.info("training a %s-token BPE on %s (up to %s chars, documents cut to %s)",
-                 f"{cfg.vocab_size:,}", ", ".join(p.name for p in inputs.train_paths),
-                 f"{cfg.max_chars:,}", f"{cfg.doc_cap:,}")
-        tokenizer, stats, train_seconds = train_tokenizer(cfg, inputs.train_paths, run)
-        if stats.chars == 0:  # only a manifest that disagrees with its shards gets here
-            raise ShardError("the training shards yielded no text to train on; re-run the download stage")
-        warnings = list(inputs.warnings)
-        if stats.exhausted and not inputs.warnings:
-            # the manifest's count said there was enough, but doc_cap (or a stale manifest) left less
-            warnings.append(
-                f"the training shards ran out after {stats.chars:,} characters (documents cut to "
-                f"tokenizer.doc_cap={cfg.doc_cap:,}), short of tokenizer.max_chars={cfg.max_chars:,}"
-            )
-            log.warning(warnings[-1])
-        if tokenizer.vocab_size < cfg.vocab_size:
-            warnings.append(
-                f"the text ran out of pairs to merge: the vocabulary has {tokenizer.vocab_size:,} tokens, "
-                f"not the {cfg.vocab_size:,} asked for (tokenizer.vocab_size); train on more text for more"
-            )
-            log.warning(warnings[-1])
-        log.info("trained %s tokens on %s chars / %s docs in %.1fs (%.2fM chars/s, %.1fs of it reading)",
-                 f"{tokenizer.vocab_size:,}", f"{stats.chars:,}", f"{stats.docs:,}", train_seconds,
-                 stats.chars / train_seconds / 1e6, stats.read_seconds)
-        train_info = {
+def _shortfalls(cfg: TokenizerConfig, inputs: Inputs, tokenizer: Tokenizer, stats: ReadStats) -> list[str]:
+    """The warnings of a finished training: less text than asked for, a vocabulary the text could not fill."""
+    warnings = list(inputs.warnings)
+    if stats.exhausted and not inputs.warnings:
+        # the manifest's count said there was enough, but doc_cap (or a stale manifest) left less
+        warnings.append(
+            f"the training shards ran out after {stats.chars:,} characters (documents cut to "
+            f"tokenizer.doc_cap={cfg.doc_cap:,}), short of tokenizer.max_chars={cfg.max_chars:,}"
+        )
+        log.warning(warnings[-1])
+    if tokenizer.vocab_size < cfg.vocab_size:
+        warnings.append(
+            f"the text ran out of pairs to merge: the vocabulary has {tokenizer.vocab_size:,} tokens, "
+            f"not the {cfg.vocab_size:,} asked for (tokenizer.vocab_size); train on more text for more"
+        )
+        log.warning(warnings[-1])
+    return warnings
+
+
+def _evaluate_saved(cfg: TokenizerConfig, inputs: Inputs, directory: Path) -> tuple[Tokenizer, dict]:
+    """Load the tokenizer back from `directory` and measure it; (tokenizer, evaluation facts)."""
+    t0 = time.perf_counter()
+    loaded = load_tokenizer(directory)  # evaluate what was written, so a file that does not load fails here
+    texts = {"val": val_texts(inputs.val_path, cfg.eval_chars), **{k: [v] for k, v in TEXTS.items()}}
+    eval_chars = sum(map(len, texts["val"]))
+    if eval_chars < cfg.eval_chars:
+        log.info("the validation shard holds %s characters; evaluating on all of them", f"{eval_chars:,}")
+    baselines, notes = {}, {}
+    for name in BASELINE_URLS:
+        baselines[name], notes[name] = load_baseline(name)
+        if notes[name]:
+            log.info("baseline %s: %s", name, notes[name])
+    result = evaluate(loaded, texts, baselines)
+    if not result["roundtrip_ok"]:
+        log.error("%d texts did not survive encode -> decode exactly", result["roundtrip_failures"])
+    return loaded, {**result, "eval_chars": eval_chars, "eval_docs": len(texts["val"]), "notes": notes,
+                    "eval_seconds": time.perf_counter() - t0}
+
+
+def run_stage(cfg: TokenizerConfig, inputs: Inputs, run) -> tuple[dict, str]:
+    """Train, save, evaluate, log to `run`; returns metrics.json's content and the markdown compression table."""
+    log.info("training a %s-token BPE on %s (up to %s chars, documents cut to %s)",
+             f"{cfg.vocab_size:,}", ", ".join(p.name for p in inputs.train_paths),
+             f"{cfg.max_chars:,}", f"{cfg.doc_cap:,}")
+    tokenizer, stats, train_seconds = train_tokenizer(cfg, inputs.train_paths, run)
+    if stats.chars == 0:  # only a manifest that disagrees with its shards gets here
+        raise ShardError("the training shards yielded no text to train on; re-run the download stage")
+    warnings = _shortfalls(cfg, inputs, tokenizer, stats)
+    log.info("trained %s tokens on %s chars / %s docs in %.1fs (%.2fM chars/s, %.1fs of it reading)",
+             f"{tokenizer.vocab_size:,}", f"{stats.chars:,}", f"{stats.docs:,}", train_seconds,
+             stats.chars / train_seconds / 1e6, stats.read_seconds)
+    train_info = {
+        "vocab_size_requested": cfg.vocab_size,
+        "max_chars": cfg.max_chars,
+        "doc_cap": cfg.doc_cap,
+        "train_chars": stats.chars,
+        "train_docs": stats.docs,
+        "data_exhausted": stats.exhausted,
+        "train_shards": [{"file": s["file"], "sha256": s["sha256"]} for s in inputs.train_shards],
+        "trainer": f"rustbpe {_version('rustbpe')}",
+    }
+
+    with staging_dir(TOKENIZER_DIR) as tmp:
+        tokenizer.save(tmp, train_info)
+        loaded, ev = _evaluate_saved(cfg, inputs, tmp)
+        table = compression_table(ev["compression"], list(BASELINE_URLS))
+        log.info("bytes per token (higher is better):\n%s", table)
+        metrics = {
+            "vocab_size": loaded.vocab_size,
             "vocab_size_requested": cfg.vocab_size,
-            "max_chars": cfg.max_chars,
-            "doc_cap": cfg.doc_cap,
+            "num_merges": len(loaded.mergeable_ranks) - 256,
+            "num_special_tokens": len(SPECIAL_TOKENS),
             "train_chars": stats.chars,
             "train_docs": stats.docs,
+            "train_shards": [s["file"] for s in inputs.train_shards],
             "data_exhausted": stats.exhausted,
-            "train_shards": [{"file": s["file"], "sha256": s["sha256"]} for s in inputs.train_shards],
-            "trainer": f"rustbpe {_version('rustbpe')}",
+            "train_seconds": round(train_seconds, 3),
+            "read_seconds": round(stats.read_seconds, 3),
+            "chars_per_sec": round(stats.chars / train_seconds),
+            "eval_chars": ev["eval_chars"],
+            "eval_docs": ev["eval_docs"],
+            "eval_seconds": round(ev["eval_seconds"], 3),
+            "val_bytes_per_token": ev["compression"]["val"]["ours"],
+            "roundtrip_ok": ev["roundtrip_ok"],
+            "roundtrip_failures": ev["roundtrip_failures"],
+            "compression": ev["compression"],
+            "baselines": {name: ev["notes"][name] or "ok" for name in BASELINE_URLS},
+            "ranks_sha256": loaded.meta["ranks_sha256"],
+            "warnings": warnings,
+            "mlflow_run_id": run.run_id,
         }
+        write_json(tmp / METRICS_FILE, metrics)
 
-        with staging_dir(TOKENIZER_DIR) as tmp:
-            tokenizer.save(tmp, train_info)
-            t0 = time.perf_counter()
-            loaded = load_tokenizer(tmp)  # evaluate what was written, so a file that does not load fails here
-            texts = {"val": val_texts(inputs.val_path, cfg.eval_chars), **{k: [v] for k, v in TEXTS.items()}}
-            eval_chars = sum(map(len, texts["val"]))
-            if eval_chars < cfg.eval_chars:
-                log.info("the validation shard holds %s characters; evaluating on all of them", f"{eval_chars:,}")
-            baselines, notes = {}, {}
-            for name in BASELINE_URLS:
-                baselines[name], notes[name] = load_baseline(name)
-                if notes[name]:
-                    log.info("baseline %s: %s", name, notes[name])
-            result = evaluate(loaded, texts, baselines)
-            eval_seconds = time.perf_counter() - t0
-            if not result["roundtrip_ok"]:
-                log.error("%d texts did not survive encode -> decode exactly", result["roundtrip_failures"])
-            table = compression_table(result["compression"], list(BASELINE_URLS))
-            log.info("bytes per token (higher is better):\n%s", table)
-            metrics = {
-                "vocab_size": loaded.vocab_size,
-                "vocab_size_requested": cfg.vocab_size,
-                "num_merges": len(loaded.mergeable_ranks) - 256,
-                "num_special_tokens": len(SPECIAL_TOKENS),
-                "train_chars": stats.chars,
-                "train_docs": stats.docs,
-                "train_shards": [s["file"] for s in inputs.train_shards],
-                "data_exhausted": stats.exhausted,
-                "train_seconds": round(train_seconds, 3),
-                "read_seconds": round(stats.read_seconds, 3),
-                "chars_per_sec": round(stats.chars / train_seconds),
-                "eval_chars": eval_chars,
-                "eval_docs": len(texts["val"]),
-                "eval_seconds": round(eval_seconds, 3),
-                "val_bytes_per_token": result["compression"]["val"]["ours"],
-                "roundtrip_ok": result["roundtrip_ok"],
-                "roundtrip_failures": result["roundtrip_failures"],
-                "compression": result["compression"],
-                "baselines": {name: notes[name] or "ok" for name in BASELINE_URLS},
-                "ranks_sha256": loaded.meta["ranks_sha256"],
-                "warnings": warnings,
-                "mlflow_run_id": run.run_id,
-            }
-            write_json(tmp / METRICS_FILE, metrics)
-
-        run.log_metrics({
-            "vocab_size": metrics["vocab_size"],
-            "train_chars": stats.chars,
-            "train_docs": stats.docs,
-            "train_seconds": train_seconds,
-            "chars_per_sec": metrics["chars_per_sec"],
-            "eval_seconds": eval_seconds,
-            "val_bytes_per_token": metrics["val_bytes_per_token"],
-            "roundtrip_ok": float(result["roundtrip_ok"]),
-            **{f"bpt.{kind}.{name}": v for kind, row in result["compression"].items() for name, v in row.items()},
-        })
-        run.set_tags({"tokenizer.ranks_sha256": metrics["ranks_sha256"], "tokenizer.warnings": len(warnings)})
-        run.log_artifact(TOKENIZER_DIR, "tokenizer")
-    return metrics, table
-
-
-def main(argv=None) -> int:
-    parser = stage_parser("tokenizer", __doc__.split("\n\n")[0])
-    args = parser.parse_args(argv)
-    try:
-        params = resolve("tokenizer", args)
-        cfg = params.tokenizer
-        inputs = check_inputs(cfg)
-    except (ConfigError, ShardError, TokenizerError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for warning in inputs.warnings:
-        log.warning(warning)
-    show_rustbpe_progress()
-    try:
-        metrics, table = run_stage(cfg, inputs)
-    except ShardError as exc:  # the run is already marked FAILED in MLflow
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-    pipes.report({
+    run.log_metrics({
         "vocab_size": metrics["vocab_size"],
+        "train_chars": stats.chars,
+        "train_docs": stats.docs,
+        "train_seconds": train_seconds,
+        "chars_per_sec": metrics["chars_per_sec"],
+        "eval_seconds": ev["eval_seconds"],
         "val_bytes_per_token": metrics["val_bytes_per_token"],
-        "train_seconds": metrics["train_seconds"],
-        "train_chars": metrics["train_chars"],
-        "roundtrip_ok": metrics["roundtrip_ok"],
-        "compression": pipes.markdown(table),
-        "warnings": len(metrics["warnings"]),
-        "mlflow_run_id": metrics["mlflow_run_id"],
+        "roundtrip_ok": float(ev["roundtrip_ok"]),
+        **{f"bpt.{kind}.{name}": v for kind, row in ev["compression"].items() for name, v in row.items()},
     })
-    log.info("wrote %s (vocab %s, val %.3f bytes/token)", TOKENIZER_DIR, f"{metrics['vocab_size']:,}",
-             metrics["val_bytes_per_token"])
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    run.set_tags({"tokenizer.ranks_sha256": metrics["ranks_sha256"], "tokenizer.warnings": len(warnings)})
+    run.log_artifact(TOKENIZER_DIR, "tokenizer")
+    return metrics, table

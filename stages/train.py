@@ -1,8 +1,104 @@
-"""The train stage: `python -m stages.train`."""
+"""Stage 3, train: nanochat's base pretraining, on one process or under torchrun.
 
+`python -m stages.train` (one process) or `torchrun --nproc_per_node=N -m stages.train`
+(DDP: gloo on CPU, NCCL on CUDA). `--fresh` / NANOFORGE_RESUME=fresh starts over
+(old checkpoints move to artifacts/checkpoints-archive/<time>/, never deleted);
+`--init-from PATH` / NANOFORGE_INIT_FROM=PATH starts from a checkpoint's weights.
+
+Notable:
+- Everything is checked before any work (nanoforge/training/plan.py): params, batch
+  arithmetic at the real world size, manifest and shards, tokenizer, and whether the
+  checkpoint in artifacts/checkpoints can resume this config.
+- Resume is automatic and exact: weights, optimizer state, loader position, loss
+  EMA, RNG and the logged history come back, so a killed run continues the same
+  loss curve bit for bit on CPU. Resuming at another world size or device batch
+  works (the global batches do not depend on them).
+- The loop is nanochat's, in its order (nanoforge/training/loop.py).
+- SIGTERM or Ctrl-C: finish the step, save a checkpoint, exit 143 (every rank agrees
+  through the step's all-reduce). A NaN/inf loss stops at once, keeps the last good
+  checkpoint and fails the MLflow run.
+- Writes artifacts/model/, artifacts/train/{metrics.json, steps.csv, val.csv}
+  (nanoforge/training/outputs.py).
+"""
+
+from __future__ import annotations
+
+import os
 import sys
 
-from nanoforge.training.loop import main
+from nanoforge.common import get_logger
+from nanoforge.config import ConfigError, resolve, stage_parser
+from nanoforge.data.shards import ShardError
+from nanoforge.tokenizer.bpe import TokenizerError
+from nanoforge.training.checkpoint import CheckpointError
+from nanoforge.training.plan import INIT_ENV, RESUME_ENV, describe, plan_run
+
+PREEMPTED_EXIT = 143  # 128 + SIGTERM: the stage did not finish; run it again to resume
+log = get_logger("train")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = stage_parser("train", __doc__)
+    parser.add_argument("--fresh", action="store_true",
+                        help=f"start over: move existing checkpoints to the archive folder (env: {RESUME_ENV}=fresh)")
+    parser.add_argument("--init-from", default=None, metavar="PATH",
+                        help=f"start from the weights of a checkpoint or model folder (env: {INIT_ENV})")
+    args = parser.parse_args(argv)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    try:
+        cfg = resolve("train", args, quiet=not rank0).train
+        resume_mode = "fresh" if args.fresh else os.environ.get(RESUME_ENV, "auto").strip().lower() or "auto"
+        init_from = args.init_from or os.environ.get(INIT_ENV) or None
+        plan = plan_run(cfg, int(os.environ.get("WORLD_SIZE", "1")), resume_mode, init_from)
+    except (ConfigError, ShardError, TokenizerError, CheckpointError, ValueError) as exc:
+        if rank0:
+            print(f"error: {exc}", file=sys.stderr)
+        else:  # the same check fails on every rank: one full message is enough
+            print(f"error (rank {os.environ.get('RANK')}): {str(exc).splitlines()[0]}", file=sys.stderr)
+        return 2
+
+    from nanoforge.runtime import init_runtime, shutdown
+    from nanoforge.tracking import stage_run
+    from nanoforge.training.loop import NonFiniteLoss, Preempted, StopFlag, fmt_time, prepare, train
+    from nanoforge.training.outputs import log_outputs, report, write_outputs
+
+    runtime = init_runtime(cfg.device, cfg.dtype)
+    stop = StopFlag()
+    stop.install()
+    try:
+        prepare(plan, runtime, resume_mode)
+        if runtime.is_main:
+            log.info("%s", describe(plan, runtime))
+        tags = {"world_size": plan.world_size, "device": runtime.device.type, "resumed_from": str(plan.resume_from or "")}
+        try:
+            with stage_run("train", cfg.model_dump(mode="json"), tags=tags) as run:
+                if run.enabled:
+                    run.log_params({"derived.num_params": plan.num_params, "derived.num_iterations": plan.num_iterations,
+                                    "derived.flops_per_token": plan.flops_per_token, "derived.grad_accum_steps": plan.accum,
+                                    "derived.world_size": plan.world_size, "derived.dtype": str(runtime.dtype)})
+                result = train(plan, runtime, run, stop)
+                if runtime.is_main:
+                    write_outputs(result)
+                    log_outputs(run, result)
+        except Preempted as exc:
+            if runtime.is_main:
+                print(f"stopped: {exc}", file=sys.stderr)
+            return PREEMPTED_EXIT
+        except NonFiniteLoss as exc:
+            if runtime.is_main:
+                print(f"error: {exc}", file=sys.stderr)
+            return 1
+    finally:
+        stop.restore()
+        shutdown(runtime)
+
+    if runtime.is_main:
+        report(result)
+        s = result.summary
+        log.info("done: %d steps, final loss %.4f, val bpb %s, %s", s["steps"], s["final_loss"] or float("nan"),
+                 f"{s['val_bpb']:.4f}" if s["val_bpb"] is not None else "n/a", fmt_time(s["train_seconds"]))
+    return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -243,7 +243,7 @@ def test_bad_batch_arithmetic_fails_before_any_work(template, tmp_path):
             "x train.nproc_per_node (1) = 128 tokens per micro-step; nearest valid total_batch_size: 896 or 1024") in proc.stderr
     # at the real world size too: 256 tokens do not split over 4 ranks x 4 rows x 32
     from nanoforge.config import TrainConfig
-    from nanoforge.training.loop import plan_run
+    from nanoforge.training.plan import plan_run
 
     os.chdir(root)
     try:

@@ -2,13 +2,17 @@
 
 Notable:
 - One file holds every knob (`params.yaml`); DVC reads it as params, the stages
-  read it here. The defaults below are the tiny CPU preset, the same values the
-  repo's params.yaml spells out.
+  read it here. The defaults below are the tiny CPU preset, and each field's
+  `description` is its comment in params.yaml: `python -m nanoforge.presets`
+  writes the file from them (presets/ hold only what differs).
 - Bad config fails before any work, naming the key and the reason: unknown keys
-  (with a did-you-mean), wrong types (strict: "4" is not an int), ranges, and
-  cross-field consistency.
+  (with a did-you-mean), wrong types (strict: "4" is not an int), ranges, `.inf`
+  and `.nan`, cross-field consistency, a key given twice, an empty file or a
+  missing section (never a silent run on the built-in defaults).
+- The depth -> shape rule is the model's own (nanoforge/model/shape.py, torch-free);
+  the device and dtype names are defined here once (DEVICES, DTYPES).
 - `--set key=value` overrides go through the same validation. Values are parsed
-  as YAML 1.2 scalars, so `1e-3` is a float and `null` is None.
+  as YAML 1.2 scalars, as DVC reads them: `1e-3` is a float, `null` is None, `on` a string.
 """
 
 from __future__ import annotations
@@ -16,14 +20,18 @@ from __future__ import annotations
 import argparse
 import difflib
 import re
+import textwrap
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
+from nanoforge.model.shape import VOCAB_MULTIPLE, config_for_depth, width_and_heads
+
 PARAMS_FILE = Path("params.yaml")
 LAST_SHARD = 1822  # karpathy/fineweb-edu-100b-shuffle has shards 0..1822
+MAX_DEPTH = 128
 
 
 class ConfigError(ValueError):
@@ -41,19 +49,38 @@ BigInt = Annotated[int, BeforeValidator(_integral)]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # allow_inf_nan: `.inf` / `.nan` are valid YAML floats but never a valid knob (a NaN at step 2, an
+    # OverflowError in the socket layer); refused here with the key named
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
+    # the section's comment in params.yaml (each field's `description` is its key's comment)
+    NOTE: ClassVar[str] = ""
+
+
+# The names `device:` and `dtype:` accept, once. Each dtype but auto is a torch dtype's name
+# (nanoforge.runtime.pick_dtype: getattr(torch, name)).
+Device = Literal["auto", "cpu", "cuda", "mps"]
+DType = Literal["auto", "float32", "bfloat16"]
+DEVICES: tuple[str, ...] = get_args(Device)
+DTYPES: tuple[str, ...] = get_args(DType)
 
 
 class DownloadConfig(Section):
-    num_train_shards: int = Field(2, ge=1, le=LAST_SHARD)  # training shards are 0..n-1
-    val_shard: int = Field(LAST_SHARD, ge=0, le=LAST_SHARD)  # pinned, never "the last file"
-    # HF_ENDPOINT (if set) replaces https://huggingface.co here; NANOFORGE_MIRROR replaces both sources
-    base_url: str = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
-    source_dir: str | None = None  # a local folder of shard_XXXXX.parquet, copied instead of HTTP
-    eval_bundle_url: str = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"  # or a .zip / folder
-    workers: int = Field(4, ge=1, le=64)
-    max_retries: int = Field(5, ge=0, le=50)
-    timeout_s: float = Field(30.0, gt=0)
+    num_train_shards: int = Field(2, ge=1, le=LAST_SHARD,
+                                  description="training shards are 0..n-1 (~250M characters, ~100 MB each)")
+    val_shard: int = Field(LAST_SHARD, ge=0, le=LAST_SHARD,
+                           description="pinned validation shard: the last of the 1823")
+    base_url: str = Field(
+        "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main",
+        description="shards come from {base_url}/shard_XXXXX.parquet; HF_ENDPOINT=<mirror> replaces https://huggingface.co,\n"
+                    "and NANOFORGE_MIRROR=<url or folder> replaces both sources for a run (see stages/download.py)")
+    source_dir: str | None = Field(
+        None, description="or a local folder of shard_XXXXX.parquet to copy from (wins over base_url)")
+    eval_bundle_url: str = Field("https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip",
+                                 description="the CORE eval bundle: an http(s) URL, or a local .zip or bundle folder")
+    workers: int = Field(4, ge=1, le=64, description="parallel downloads")
+    max_retries: int = Field(5, ge=0, le=50,
+                             description="per file: backoff 1s, 2s, 4s... (+ jitter), Retry-After honoured")
+    timeout_s: float = Field(30.0, gt=0, description="per request (connect, and each read)")
 
     @model_validator(mode="after")
     def _sources(self):
@@ -80,51 +107,61 @@ class DownloadConfig(Section):
 
 
 class TokenizerConfig(Section):
-    """Tiny preset: trains in seconds on 2 cores. Real runs: vocab_size 65536, max_chars 2e9, eval_chars 1e7."""
+    """The defaults train in seconds on 2 cores; real runs (presets d12, d20): vocab 65536, 2e9 characters."""
 
-    vocab_size: int = Field(4096, ge=256 + 9)  # 256 bytes + 9 special tokens at least
-    max_chars: BigInt = Field(10_000_000, ge=1)  # stop training after this many characters
-    doc_cap: int = Field(10_000, ge=1)  # characters kept from each document
-    eval_chars: BigInt = Field(1_000_000, ge=1)  # held-out slice of the val shard for compression
+    vocab_size: int = Field(4096, ge=256 + 9,  # 256 bytes + 9 special tokens at least
+                            description="256 bytes + merges + 9 specials; 65536 (2^16) for real runs")
+    max_chars: BigInt = Field(10_000_000, ge=1, description="train on the first N characters of the training "
+                                                            "shards (2e9 for real runs: 8+ shards)")
+    doc_cap: int = Field(10_000, ge=1, description="characters kept from each document")
+    eval_chars: BigInt = Field(1_000_000, ge=1, description="held-out slice of the val shard for bytes/token "
+                                                            "(1e7 for real runs)")
 
 
 class TrainConfig(Section):
-    # the one dial
-    depth: int = Field(4, ge=1, le=128)
-    n_kv_head: int | None = Field(None, ge=1)  # GQA; None = as many as query heads
-    max_seq_len: int = Field(256, ge=8)
-    # batch arithmetic: total tokens per step = device_batch * seq * world * accumulation
-    device_batch_size: int = Field(8, ge=1)
-    total_batch_size: int = Field(4096, ge=1)
+    depth: int = Field(4, ge=1, le=MAX_DEPTH, description="the one dial: width 64*depth, heads ceil(width/128) "
+                                                    "(head_dim 128), layers = depth")
+    n_kv_head: int | None = Field(None, ge=1, description="GQA: key/value heads, must divide the query heads; "
+                                                          "null = as many as the query heads")
+    max_seq_len: int = Field(256, ge=8, description="context length T (nanochat: 2048)")
+    device_batch_size: int = Field(8, ge=1, description="sequences per micro-step per process "
+                                                        "(lower it if memory runs out)")
+    total_batch_size: int = Field(4096, ge=1, description="tokens per optimizer step: device_batch * seq * world "
+                                                          "* accumulation steps")
     # horizon, by precedence: explicit iterations > target FLOPs > tokens:params ratio
-    num_iterations: int | None = Field(200, ge=1)
-    target_flops: float | None = Field(None, gt=0)
-    target_param_data_ratio: float = Field(20.0, gt=0)
-    # optimizer
-    matrix_lr: float = Field(0.02, gt=0)  # Muon
-    embedding_lr: float = Field(0.2, gt=0)  # AdamW, scaled by (width/768)^-0.5
-    unembedding_lr: float = Field(0.004, gt=0)  # AdamW, scaled by (width/768)^-0.5
-    weight_decay: float = Field(0.0, ge=0)
-    grad_clip: float = Field(1.0, ge=0)  # 0 disables
+    num_iterations: int | None = Field(200, ge=1, description="horizon: explicit steps; null = from target_flops, "
+                                                              "else from the ratio")
+    target_flops: float | None = Field(None, gt=0, description="total training FLOPs (6N+attention per token), "
+                                                               "used when num_iterations is null")
+    target_param_data_ratio: float = Field(20.0, gt=0, description="tokens = ratio * params (Chinchilla), "
+                                                                   "used when both above are null")
+    matrix_lr: float = Field(0.02, gt=0, description="Muon, for every matrix inside the blocks")
+    embedding_lr: float = Field(0.2, gt=0, description="AdamW, scaled by (width/768)^-0.5")
+    unembedding_lr: float = Field(0.004, gt=0, description="AdamW for the LM head, scaled by (width/768)^-0.5")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (embedding and LM head)")
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm, on the synchronised gradient; "
+                                                    "0 disables")
     # LR schedule: warmup, constant, linear warmdown to final_lr_frac
-    warmup_ratio: float = Field(0.0, ge=0, le=1)
-    warmdown_ratio: float = Field(0.2, ge=0, le=1)
-    final_lr_frac: float = Field(0.0, ge=0, le=1)
-    # hardware
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    # YAML 1.1 (PyYAML) reads a bare on/off as a boolean: take those to mean the same
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="fraction of steps with linear LR warmup")
+    warmdown_ratio: float = Field(0.2, ge=0, le=1, description="fraction of steps at the end with linear LR "
+                                                               "decay to final_lr_frac")
+    final_lr_frac: float = Field(0.0, ge=0, le=1, description="LR multiplier reached at the last step")
+    device: Device = Field("auto", description="auto (cuda > mps > cpu) | cpu | cuda | mps")
+    dtype: DType = Field("auto", description="auto (bf16 on CUDA and on CPUs with avx512_bf16/AMX, else fp32) "
+                                             "| float32 | bfloat16")
+    # YAML 1.1 tools read a bare on/off as a boolean: take those to mean the same
     compile: Annotated[
         Literal["auto", "on", "off"], BeforeValidator(lambda v: ("on" if v else "off") if isinstance(v, bool) else v)
-    ] = "auto"
-    nproc_per_node: int = Field(1, ge=1)  # used by dvc.yaml's torchrun command
-    seed: int = 42
-    # cadence (steps); 0 disables
-    eval_every: int = Field(50, ge=0)
-    eval_tokens: BigInt = Field(32_768, ge=1)
-    sample_every: int = Field(100, ge=0)
-    save_every: int = Field(50, ge=0)
-    keep_checkpoints: int = Field(2, ge=1)
+    ] = Field("auto", description="torch.compile: auto (on for CUDA) | on | off (on CPU it needs a C++ compiler)")
+    nproc_per_node: int = Field(1, ge=1, description="processes per node under torchrun (dvc.yaml's command)")
+    seed: int = Field(42, description="model init and the data order of later epochs")
+    eval_every: int = Field(50, ge=0, description="val BPB every N steps and at the end (0: off)")
+    eval_tokens: BigInt = Field(32_768, ge=1, description="val BPB budget during training, from the start of "
+                                                          "the val shard")
+    sample_every: int = Field(100, ge=0, description="greedy samples in the log every N steps and at the end "
+                                                     "(0: off)")
+    save_every: int = Field(50, ge=0, description="checkpoint every N steps (0: only at the end and on SIGTERM)")
+    keep_checkpoints: int = Field(2, ge=1, description="keep the last K checkpoints")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -133,14 +170,16 @@ class TrainConfig(Section):
                 f"train.warmup_ratio ({self.warmup_ratio}) + train.warmdown_ratio ({self.warmdown_ratio}) "
                 "exceed 1: the schedule would have no room"
             )
-        width = 64 * self.depth
-        n_head = -(-width // 128)
-        if width % n_head or (width // n_head) % 2:
-            ok = [d for d in range(max(1, self.depth - 4), self.depth + 5) if (64 * d) % -(-64 * d // 128) == 0]
+        # the model's own rule (nanoforge/model/shape.py); the shape does not depend on the vocabulary
+        width, n_head = width_and_heads(self.depth)
+        try:
+            config_for_depth(self.depth, vocab_size=VOCAB_MULTIPLE, sequence_len=self.max_seq_len)
+        except ValueError as exc:
+            ok = [d for d in range(max(1, self.depth - 4), min(MAX_DEPTH, self.depth + 4) + 1) if _depth_works(d)]
             raise ValueError(
-                f"train.depth={self.depth} gives width {width} and {n_head} heads, which do not divide evenly; "
+                f"train.depth={self.depth} gives width {width} and {n_head} heads ({exc}); "
                 f"nearby depths that work: {ok}"
-            )
+            ) from None
         if self.n_kv_head is not None and (self.n_kv_head > n_head or n_head % self.n_kv_head):
             raise ValueError(
                 f"train.n_kv_head={self.n_kv_head} must divide the {n_head} query heads of depth {self.depth}"
@@ -167,34 +206,49 @@ class TrainConfig(Section):
         )
 
 
+def _depth_works(depth: int) -> bool:
+    try:
+        config_for_depth(depth, vocab_size=VOCAB_MULTIPLE, sequence_len=8)
+    except ValueError:
+        return False
+    return True
+
+
 class EvaluateConfig(Section):
-    val_tokens: BigInt = Field(65_536, ge=1)  # BPB budget (val and train), from the start of each split
-    device_batch_size: int = Field(8, ge=1)  # rows per forward (CORE: rows * context tokens)
-    core_max_per_task: int | None = Field(100, ge=1)  # None = every item
-    core_tasks: list[str] | None = None  # None = every task in core.yaml
-    skip_bad_tasks: bool = False  # a bad task in the bundle: False = stop with an error, True = skip it and warn
-    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    nproc_per_node: int = Field(1, ge=1)  # used by dvc.yaml's torchrun command
-    sample_prompts: list[str] = [
+    val_tokens: BigInt = Field(65_536, ge=1, description="BPB budget, from the start of the val shard and of the "
+                                                         "train shards (nanochat: 20*524288)")
+    device_batch_size: int = Field(8, ge=1, description="rows per forward pass (CORE packs up to this many "
+                                                        "context-lengths of tokens)")
+    core_max_per_task: int | None = Field(100, ge=1, description="null = every item of every task "
+                                                                 "(nanochat's leaderboard numbers)")
+    core_tasks: list[str] | None = Field(None, description="null = every task in core.yaml, or a list of labels")
+    skip_bad_tasks: bool = Field(False, description="a bad task in the bundle: false = stop with an error, "
+                                                    "true = skip it with a warning")
+    device: Device = Field("auto", description="auto | cpu | cuda | mps")
+    dtype: DType = Field("auto", description="auto (bf16 on CUDA and bf16-capable CPUs) | float32 | bfloat16")
+    nproc_per_node: int = Field(1, ge=1, description="processes under torchrun (items and BPB rows are split "
+                                                     "over them)")
+    sample_prompts: list[str] = Field([
         "The capital of France is",
         "The chemical symbol of gold is",
         "If yesterday was Friday, then tomorrow will be",
         "The opposite of hot is",
         "The planets of the solar system are:",
-    ]
-    sample_max_tokens: int = Field(32, ge=1)
-    num_unconditioned_samples: int = Field(3, ge=0)
-    temperature: float = Field(1.0, gt=0)
-    seed: int = 42
+    ], description="greedy continuations saved for the report")
+    sample_max_tokens: int = Field(32, ge=1, description="tokens per sample")
+    num_unconditioned_samples: int = Field(3, ge=0, description="free samples from BOS alone")
+    temperature: float = Field(1.0, gt=0, description="for the unconditioned samples (the prompts are greedy)")
+    seed: int = Field(42, description="for the unconditioned samples")
 
 
 class ReportConfig(Section):
-    # USD per GPU-hour, matched as a substring of the GPU's name ("NVIDIA H100 80GB HBM3" -> H100)
-    gpu_hourly_usd: dict[str, float] = {"H100": 2.49, "H200": 3.49, "A100": 1.79, "L4": 0.8}
-    cpu_hourly_usd: float = Field(0.05, ge=0)  # USD per hour for a CPU-only machine
-    compare_runs: int = Field(5, ge=0, le=100)  # earlier train runs to compare against
-    champion: str = "nanoforge-base@champion"  # registered model @ alias; name as pipeline.registered_model
+    gpu_hourly_usd: dict[str, float] = Field(
+        {"H100": 2.49, "H200": 3.49, "A100": 1.79, "L4": 0.8},
+        description="USD per GPU-hour for the cost estimate; key = part of the GPU's name")
+    cpu_hourly_usd: float = Field(0.05, ge=0, description="USD per hour for a CPU-only machine")
+    compare_runs: int = Field(5, ge=0, le=100, description="earlier train runs (MLflow) to compare against; 0: none")
+    champion: str = Field("nanoforge-base@champion", description="registered model@alias to compare against "
+                                                                 "(name = pipeline.registered_model)")
 
     @model_validator(mode="after")
     def _valid(self):
@@ -208,15 +262,17 @@ class ReportConfig(Section):
 
 
 class PipelineConfig(Section):
-    """Orchestration knobs read by pipelines/ (Dagster), not by a DVC stage."""
+    NOTE = "read by pipelines/ (Dagster), not by a DVC stage"
 
-    nightly_cron: str = "0 3 * * *"
-    timezone: str = "UTC"
-    min_bytes_per_token: float = Field(3.0, gt=0)  # tokenizer asset check threshold
-    bpb_tolerance: float = Field(0.02, ge=0)  # val BPB may be this much worse than the champion (warning)
-    registered_model: str = Field("nanoforge-base", min_length=1)
-    push_to_remote: bool = True
-    alert_webhook_url: str | None = None
+    nightly_cron: str = Field("0 3 * * *", description="the nightly retrain (5-field cron); "
+                                                       "`make ui` needs 'Reload definitions' after an edit")
+    timezone: str = Field("UTC", description="of nightly_cron (IANA name)")
+    min_bytes_per_token: float = Field(3.0, gt=0, description="tokenizer asset check")
+    bpb_tolerance: float = Field(0.02, ge=0, description="val BPB may be this much worse than the champion "
+                                                         "(warning)")
+    registered_model: str = Field("nanoforge-base", min_length=1, description="the MLflow registered model")
+    push_to_remote: bool = Field(True, description="nightly: dvc push after a successful run")
+    alert_webhook_url: str | None = Field(None, description="POSTed a JSON alert when a run fails; null: none")
 
     @model_validator(mode="after")
     def _schedule(self):
@@ -249,29 +305,62 @@ SECTIONS = tuple(Params.model_fields)
 
 
 # ---------------------------------------------------------------------------
-# YAML: PyYAML speaks YAML 1.1, where `1e-3` is a string. DVC (ruamel) speaks
-# 1.2, where it is a float. Teach our loader the 1.2 float so both agree.
+# YAML: PyYAML speaks YAML 1.1, where `1e-3` is a string and `on`/`yes` are booleans.
+# DVC (ruamel) speaks 1.2, where `1e-3` is a float and `on` a string. Teach our loader
+# 1.2's floats and booleans so both read a file alike.
 
 class _Loader(yaml.SafeLoader):
     pass
 
 
 _FLOAT_12 = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$")
-_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-for _ch in list("-+.0123456789"):
-    _Loader.yaml_implicit_resolvers.setdefault(_ch, [])
-    _Loader.yaml_implicit_resolvers[_ch] = [
-        (tag, rx) for tag, rx in _Loader.yaml_implicit_resolvers[_ch] if tag != "tag:yaml.org,2002:float"
-    ]
+_BOOL_12 = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in rules if tag not in ("tag:yaml.org,2002:float", "tag:yaml.org,2002:bool")]
+    for ch, rules in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+.0123456789"))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", _BOOL_12, list("tTfF"))
 # ints win over floats for plain digits: re-add int after float so "42" stays int
 _Loader.yaml_implicit_resolvers = {
     k: sorted(v, key=lambda tr: tr[0] != "tag:yaml.org,2002:int") for k, v in _Loader.yaml_implicit_resolvers.items()
 }
 
 
+class DuplicateKeyError(ConfigError, yaml.YAMLError):
+    """A key given twice in one mapping: PyYAML would keep the last, DVC refuses the file."""
+
+
+def _refuse_duplicate_keys(node: yaml.Node, path: tuple[str, ...] = ()) -> None:
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            if name is not None and name != "<<":
+                line = key.start_mark.line + 1
+                if name in seen:
+                    dotted = ".".join((*path, name))
+                    raise DuplicateKeyError(
+                        f"{dotted} is given twice (lines {seen[name]} and {line}); DVC refuses such a file "
+                        f"and a YAML reader keeps only the last: delete one of them")
+                seen[name] = line
+            _refuse_duplicate_keys(value, (*path, str(name)))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicate_keys(item, (*path, str(i)))
+
+
 def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)
+    """YAML as DVC reads it (1.2 floats and booleans); a duplicate key raises DuplicateKeyError."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicate_keys(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
 
 
 # ---------------------------------------------------------------------------
@@ -334,17 +423,37 @@ def parse_override(item: str, section: str | None = None) -> tuple[str, Any]:
     return key, value
 
 
+RESTORE = "python -m nanoforge.presets tiny writes a complete one (or d12, d20)"
+
+
 def load_params(path: str | Path = PARAMS_FILE, overrides: list[str] = (), section: str | None = None) -> Params:
-    """Read, override and validate params.yaml. Raises ConfigError naming every bad key."""
+    """Read, override and validate params.yaml. Raises ConfigError naming every bad key.
+
+    `section` is the one the caller reads: it must be in the file (an empty file or a deleted
+    section would otherwise run silently on the built-in defaults); `--set` overrides change a
+    file, they cannot stand in for one.
+    """
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: not found (run from the repo root, or pass --params)")
     try:
-        raw = parse_yaml(path.read_text()) or {}
+        raw = parse_yaml(path.read_text())
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if raw is None:
+        raise ConfigError(f"{path}: empty; every stage reads its section from it, so nothing would be "
+                          f"configured ({RESTORE})")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    if section is not None:
+        if section not in raw:
+            raise ConfigError(f"{path}: no '{section}:' section, which this stage reads; restore it rather than "
+                              f"run on built-in defaults ({RESTORE})")
+        if not raw[section]:
+            raise ConfigError(f"{path}: the '{section}:' section is empty; give its keys "
+                              f"rather than run on built-in defaults ({RESTORE})")
     for item in overrides:
         key, value = parse_override(item, section)
         _set_path(raw, key, value)
@@ -374,12 +483,23 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 # ---------------------------------------------------------------------------
 # the stage CLI: every stage takes --params and --set, and prints what it resolved
 
+# the section each stage reads, where it is not named after the stage
+STAGE_SECTION = {"register": "pipeline"}
+
+
 def stage_parser(stage: str, description: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"python -m stages.{stage}", description=description)
+    """--params and --set; the description (a stage's docstring) is shown as written, bullets and all."""
+    section = STAGE_SECTION.get(stage, stage)
+    article = "an" if section[:1] in "aeiou" else "a"
+    parser = argparse.ArgumentParser(
+        prog=f"python -m stages.{stage}",
+        description=textwrap.dedent(description).strip() if description else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--params", default=str(PARAMS_FILE), help="params file (default: params.yaml)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-        help=f"override a {stage} param for this run, e.g. --set key=value (repeatable)",
+        help=f"override {article} {section} param for this run, e.g. --set key=value (repeatable)",
     )
     return parser
 

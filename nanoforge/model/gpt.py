@@ -17,58 +17,15 @@ Notable:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanoforge.model.shape import VOCAB_MULTIPLE, GPTConfig, config_for_depth  # noqa: F401 (the shape rule lives there)
+
 SOFTCAP = 15.0
-VOCAB_MULTIPLE = 64
 ROPE_BASE = 10_000
-
-
-@dataclass
-class GPTConfig:
-    sequence_len: int = 1024
-    vocab_size: int = 50304
-    n_layer: int = 12
-    n_head: int = 6  # query heads
-    n_kv_head: int = 6  # key/value heads (GQA when fewer than n_head)
-    n_embd: int = 768
-
-    def __post_init__(self):
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if self.n_kv_head > self.n_head or self.n_head % self.n_kv_head:
-            raise ValueError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
-        if (self.n_embd // self.n_head) % 2:
-            raise ValueError(f"head_dim={self.n_embd // self.n_head} must be even for rotary embeddings")
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def padded_vocab_size(self) -> int:
-        return -(-self.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def config_for_depth(depth: int, vocab_size: int, sequence_len: int, n_kv_head: int | None = None) -> GPTConfig:
-    """nanochat's derivation: width 64*depth, heads ceil(width/128) (head_dim 128 for even depths)."""
-    width = 64 * depth
-    n_head = max(1, -(-width // 128))
-    return GPTConfig(
-        sequence_len=sequence_len,
-        vocab_size=vocab_size,
-        n_layer=depth,
-        n_head=n_head,
-        n_kv_head=n_kv_head or n_head,
-        n_embd=width,
-    )
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:

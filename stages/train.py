@@ -7,18 +7,21 @@
 
 Notable:
 - Everything is checked before any work (nanoforge/training/plan.py): params, batch
-  arithmetic at the real world size, manifest and shards, tokenizer, and whether the
-  checkpoint in artifacts/checkpoints can resume this config.
-- Resume is automatic and exact: weights, optimizer state, loader position, loss
-  EMA, RNG and the logged history come back, so a killed run continues the same
-  loss curve bit for bit on CPU. Resuming at another world size or device batch
-  works (the global batches do not depend on them).
-- The loop is nanochat's, in its order (nanoforge/training/loop.py).
-- SIGTERM or Ctrl-C: finish the step, save a checkpoint, exit 143 (every rank agrees
-  through the step's all-reduce). A NaN/inf loss stops at once, keeps the last good
-  checkpoint and fails the MLflow run.
-- Writes artifacts/model/, artifacts/train/{metrics.json, steps.csv, val.csv}
-  (nanoforge/training/outputs.py).
+  arithmetic at the real world size, shards, tokenizer, memory, resumability.
+- A params change is a new run (`dvc exp run -S train.depth=6` just works): when the
+  latest checkpoint's math params differ, its checkpoints move to the archive and
+  training starts fresh, with one log line naming the changed keys. Same params: resume.
+- One run at a time per output folder: rank 0 holds an OS lock (artifacts/checkpoints/.lock:
+  pid, host, command, start) for the whole run; a second run refuses and names the holder.
+- One-off runs: `--set` overrides that change the math (model, batch, schedule, seed,
+  horizon) write to artifacts/oneoff/<hash of those overrides>/{checkpoints,model,train},
+  never into the pipeline's folders (run it again: it resumes there). Overrides that leave
+  the math alone (device_batch_size, eval/sample/save cadence) use the pipeline's folders.
+- Resume is exact (a killed run continues the same loss curve bit for bit on CPU), at any
+  world size or device batch. The loop is nanochat's, in its order (training/loop.py).
+- SIGTERM or Ctrl-C: finish the step, save a checkpoint, exit 143. A NaN/inf loss or
+  gradient stops at once, keeps the last good checkpoint and fails the MLflow run.
+- Writes artifacts/model/, artifacts/train/{metrics.json, steps.csv, val.csv} (outputs.py).
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ import os
 import sys
 
 from nanoforge.common import get_logger
-from nanoforge.config import ConfigError, resolve, stage_parser
+from nanoforge.config import ConfigError, load_params, resolve, stage_parser
 from nanoforge.data.shards import ShardError
 from nanoforge.tokenizer.bpe import TokenizerError
 from nanoforge.training.checkpoint import CheckpointError
-from nanoforge.training.plan import INIT_ENV, RESUME_ENV, describe, plan_run
+from nanoforge.training.checkpoint import latest_checkpoint
+from nanoforge.training.lock import OutputsLocked, RunLock
+from nanoforge.training.plan import INIT_ENV, RESUME_ENV, describe, plan_run, run_dirs
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: the stage did not finish; run it again to resume
 log = get_logger("train")
@@ -49,8 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve("train", args, quiet=not rank0).train
         resume_mode = "fresh" if args.fresh else os.environ.get(RESUME_ENV, "auto").strip().lower() or "auto"
         init_from = args.init_from or os.environ.get(INIT_ENV) or None
-        plan = plan_run(cfg, int(os.environ.get("WORLD_SIZE", "1")), resume_mode, init_from)
-    except (ConfigError, ShardError, TokenizerError, CheckpointError, ValueError) as exc:
+        dirs, oneoff = run_dirs(load_params(args.params, section="train").train if args.overrides else cfg, cfg)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        plan = plan_run(cfg, world_size, resume_mode, init_from, dirs)
+        lock = RunLock(plan.dirs.checkpoints).acquire() if rank0 else None  # held until this process exits
+        if latest_checkpoint(plan.dirs.checkpoints) != plan.latest:  # another run finished while we planned
+            plan = plan_run(cfg, world_size, resume_mode, init_from, plan.dirs)
+    except (ConfigError, ShardError, TokenizerError, CheckpointError, OutputsLocked, ValueError) as exc:
         if rank0:
             print(f"error: {exc}", file=sys.stderr)
         else:  # the same check fails on every rank: one full message is enough
@@ -68,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prepare(plan, runtime, resume_mode)
         if runtime.is_main:
+            if oneoff:
+                log.info("one-off run (%s): writing to %s, not the pipeline's folders",
+                         ", ".join(f"{k}={v}" for k, v in oneoff.items()), plan.dirs.checkpoints.parent)
             log.info("%s", describe(plan, runtime))
         tags = {"world_size": plan.world_size, "device": runtime.device.type, "resumed_from": str(plan.resume_from or "")}
         try:
@@ -78,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                                     "derived.world_size": plan.world_size, "derived.dtype": str(runtime.dtype)})
                 result = train(plan, runtime, run, stop)
                 if runtime.is_main:
-                    write_outputs(result)
-                    log_outputs(run, result)
+                    write_outputs(result, plan.dirs.model, plan.dirs.train)
+                    log_outputs(run, result, plan.dirs.train)
         except Preempted as exc:
             if runtime.is_main:
                 print(f"stopped: {exc}", file=sys.stderr)
@@ -91,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop.restore()
         shutdown(runtime)
+        if lock is not None:
+            lock.release()
 
     if runtime.is_main:
         report(result)

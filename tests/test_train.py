@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -206,30 +207,37 @@ def test_resume_at_another_world_size_and_device_batch(clean, template, tmp_path
         assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-3, abs=1e-5), a["step"]
 
 
-def test_refuses_to_resume_a_changed_config_and_starts_fresh_on_request(clean, template, tmp_path):
+def test_a_changed_config_is_a_new_run_and_fresh_on_request(clean, template, tmp_path):
+    # issue 15: `dvc exp run -S train.depth=6` after a finished run used to be refused under a traceback
     root = clone(template, tmp_path / "w")
     shutil.copytree(clean / "artifacts/checkpoints", root / "artifacts/checkpoints")
-    before = sorted(p.name for p in (root / "artifacts/checkpoints").iterdir())
-    refused = run_train(root, "--set", "matrix_lr=0.03", "--set", "depth=2", check=False, NANOFORGE_TRACKING="off")
-    assert refused.returncode == 2
-    assert "cannot resume from artifacts/checkpoints/step_000030" in refused.stderr
-    assert "train.matrix_lr: 0.04 -> 0.03" in refused.stderr and "train.depth: 1 -> 2" in refused.stderr
-    assert "NANOFORGE_RESUME=fresh" in refused.stderr and "--init-from" in refused.stderr
-    assert sorted(p.name for p in (root / "artifacts/checkpoints").iterdir()) == before  # nothing touched
-    assert not (root / "artifacts/train").exists()
+    before = [p.name for p in list_checkpoints(root / "artifacts/checkpoints")]
     # the knobs that do not change the math may change: eval cadence, device batch
     ok = run_train(root, "--set", "eval_every=15", "--set", "device_batch_size=2", NANOFORGE_TRACKING="off")
     assert "resuming from artifacts/checkpoints/step_000030" in ok.stderr
-    # fresh: the old checkpoints move to a dated archive folder, nothing is deleted
-    fresh = run_train(root, "--set", "matrix_lr=0.03", "--set", "num_iterations=4", NANOFORGE_RESUME="fresh",
-                      NANOFORGE_TRACKING="off")
-    assert "old checkpoints moved to" in fresh.stderr
+    # a params change (params.yaml, as `dvc exp run -S` writes it) is a new run: archive, start fresh, one line
+    write_params(root, matrix_lr=0.03, depth=2, num_iterations=4)
+    new = run_train(root, NANOFORGE_TRACKING="off")
+    lines = [line for line in new.stderr.splitlines() if "new run, starting fresh" in line]
+    assert len(lines) == 1, new.stderr[-3000:]
+    assert "params changed since artifacts/checkpoints/step_000030" in lines[0]
+    assert "train.matrix_lr: 0.04 -> 0.03" in lines[0] and "train.depth: 1 -> 2" in lines[0]
+    assert "Traceback" not in new.stderr and "resuming" not in new.stderr
     archives = list((root / "artifacts/checkpoints-archive").iterdir())
-    assert len(archives) == 1 and sorted(p.name for p in archives[0].iterdir()) == before
+    assert len(archives) == 1 and sorted(p.name for p in archives[0].iterdir()) == before  # nothing lost
     assert [p.name for p in list_checkpoints(root / "artifacts/checkpoints")] == ["step_000004"]
+    assert load_model(root / "artifacts/model")[1]["model"]["n_layer"] == 2
+    # the same params again: resume, nothing archived
+    again = run_train(root, NANOFORGE_TRACKING="off")
+    assert "resuming from artifacts/checkpoints/step_000004" in again.stderr
+    # fresh on request: the old checkpoints move to a dated archive folder, nothing is deleted
+    fresh = run_train(root, NANOFORGE_RESUME="fresh", NANOFORGE_TRACKING="off")
+    assert "old checkpoints moved to" in fresh.stderr
+    assert len(list((root / "artifacts/checkpoints-archive").iterdir())) == 2
     # fine-tune from an archived checkpoint: weights only, a new run
+    write_params(root, num_iterations=3)
     source = archives[0] / "step_000030"
-    tuned = run_train(root, "--fresh", "--init-from", str(source), "--set", "num_iterations=3", NANOFORGE_TRACKING="off")
+    tuned = run_train(root, "--fresh", "--init-from", str(source), NANOFORGE_TRACKING="off")
     assert f"initialised from the weights of {source}" in tuned.stderr
     first = float(read_csv(root / "artifacts/train/steps.csv")[0]["loss"])
     assert first < 0.6 * float(read_csv(clean / "artifacts/train/steps.csv")[0]["loss"])  # starts trained
@@ -308,3 +316,85 @@ def test_train_config_reads_on_off_and_checks_depth(tmp_path):
     path.write_text("train:\n  depth: 5\n")  # width 320 over 3 heads does not divide
     with pytest.raises(ConfigError, match=r"train.depth=5 gives width 320 and 3 heads.*nearby depths that work: \[1, 2, 3, 4, 6"):
         load_params(path)
+
+
+def test_a_non_finite_gradient_stops_before_the_optimizer_step(template, tmp_path):
+    # issue 18: the gradient went non-finite while the loss was still finite; the step was applied
+    root = clone(template, tmp_path / "w")
+    write_params(root, embedding_lr=1e34, warmup_ratio=0.8, save_every=5)
+    proc = run_train(root, check=False, NANOFORGE_TRACKING="off")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "error: gradient norm is nan at step 11/30 while the loss was still finite" in proc.stderr
+    assert "stopped before the optimizer step" in proc.stderr and "train.embedding_lr" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert [p.name for p in list_checkpoints(root / "artifacts/checkpoints")] == ["step_000005", "step_000010"]
+    model, _ = load_model(root / "artifacts/checkpoints/step_000010")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not (root / "artifacts/model").exists()
+
+
+def test_a_model_too_big_for_the_device_is_refused_before_any_work(template, tmp_path):
+    # issue 18: depth 64 (12.9B params) was planned and died in the allocator
+    root = clone(template, tmp_path / "w")
+    write_params(root, depth=64)
+    proc = run_train(root, check=False, NANOFORGE_TRACKING="off")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr
+    assert re.search(r"error: train\.depth=64 \(12,\d{3},\d{3},\d{3} params\)", err) and "GiB per rank" in err and "available RAM" in err
+    assert "Lower train.depth" in err and "train.device_batch_size" in err and "Traceback" not in err
+    assert not (root / "artifacts/checkpoints").exists() and not (root / "artifacts/train").exists()
+
+
+def test_a_changed_tokenizer_split_pattern_never_resumes(clean, template, tmp_path):
+    # issue 18: the same ranks under another pre-split regex tokenize differently
+    import json
+
+    from nanoforge.config import TrainConfig
+    from nanoforge.training.plan import plan_run
+
+    root = clone(template, tmp_path / "w")
+    shutil.copytree(clean / "artifacts/checkpoints", root / "artifacts/checkpoints")
+    os.chdir(root)
+    try:
+        assert plan_run(TrainConfig(**TINY), 1, "auto", None).resume_from is not None
+        meta_path = root / "artifacts/tokenizer/tokenizer.json"
+        meta = json.loads(meta_path.read_text())
+        meta["split_pattern"] = r"\S+|\s+"
+        meta_path.write_text(json.dumps(meta))
+        plan = plan_run(TrainConfig(**TINY), 1, "auto", None)
+    finally:
+        os.chdir(REPO)
+    assert plan.resume_from is None
+    assert any(d.startswith("tokenizer split pattern") for d in plan.restart), plan.restart
+
+
+def test_one_run_at_a_time_and_a_one_off_never_writes_the_pipelines_checkpoints(template, tmp_path):
+    # issue 15: a one-off `--set depth=...` while the pipeline trained wrote into its checkpoints
+    root = clone(template, tmp_path / "w")
+    write_params(root, num_iterations=100_000, save_every=0, eval_every=0, sample_every=0)
+    holder = subprocess.Popen(train_cmd(), cwd=root, env=env_for(root, NANOFORGE_TRACKING="off"),
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in holder.stdout:
+            if line.startswith("step 00002/"):
+                break
+        # the same folders: refused before any work, naming the holder
+        second = run_train(root, "--set", "eval_every=5", check=False, NANOFORGE_TRACKING="off")
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"artifacts/checkpoints is in use by another train run: pid {holder.pid} on" in second.stderr
+        assert "-m stages.train" in second.stderr and "Traceback" not in second.stderr
+        # other math: its own folder, never the pipeline's
+        oneoff = run_train(root, "--set", "depth=2", "--set", "num_iterations=3", "--set", "save_every=1",
+                           NANOFORGE_TRACKING="off")
+        assert "one-off run (depth=2, num_iterations=3): writing to artifacts/oneoff/" in oneoff.stderr
+        (folder,) = (root / "artifacts/oneoff").iterdir()
+        assert [p.name for p in list_checkpoints(folder / "checkpoints")][-1] == "step_000003"
+        assert load_model(folder / "model")[1]["model"]["n_layer"] == 2
+        assert (folder / "train/metrics.json").exists()
+        assert list_checkpoints(root / "artifacts/checkpoints") == [] and not (root / "artifacts/train").exists()
+    finally:
+        holder.send_signal(signal.SIGTERM)
+        holder.communicate(timeout=120)
+    assert holder.returncode == 143
+    (saved,) = list_checkpoints(root / "artifacts/checkpoints")
+    assert load_model(saved)[1]["model"]["n_layer"] == 1

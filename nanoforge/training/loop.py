@@ -7,8 +7,9 @@ Notable:
 - Resume is exact: weights, optimizer state, loader position, loss EMA, RNG and the
   logged history come back from the checkpoint the plan chose.
 - SIGTERM or Ctrl-C: finish the step, save a checkpoint, raise Preempted (every rank
-  agrees through the step's all-reduce). A NaN/inf loss raises NonFiniteLoss at once
-  and keeps the last good checkpoint.
+  agrees through the step's all-reduce). A NaN/inf loss, or a NaN/inf gradient norm
+  (checked before the optimizer step, so bad weights are never applied nor saved),
+  raises NonFiniteLoss at once and keeps the last good checkpoint.
 """
 
 from __future__ import annotations
@@ -20,12 +21,11 @@ import resource
 import signal
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from nanoforge.common import CHECKPOINT_DIR, get_logger
+from nanoforge.common import get_logger
 from nanoforge.training.checkpoint import archive_checkpoints, load_checkpoint, remove_partial, save_checkpoint
 from nanoforge.training.outputs import STEP_COLUMNS
-from nanoforge.training.plan import Plan
+from nanoforge.training.plan import Plan, restart_message
 
 EMA_BETA = 0.9
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be", "The opposite of hot is"]
@@ -35,6 +35,14 @@ log = get_logger("train")
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or inf; training stopped."""
+
+
+class NonFiniteGradient(NonFiniteLoss):
+    """The synchronised gradient norm became NaN or inf; stopped before the optimizer step."""
+
+    def __init__(self, message: str, loss_sum=None):
+        super().__init__(message)
+        self.loss_sum = loss_sum  # this rank's summed micro losses, to tell which went first
 
 
 class Preempted(KeyboardInterrupt):
@@ -50,8 +58,9 @@ class TrainResult:
     model: object = None
 
 
-def prepare(plan: Plan, runtime, resume_mode: str, checkpoint_dir: Path = CHECKPOINT_DIR) -> None:
-    """The first work: read --init-from weights, clear a killed save, archive old checkpoints when starting fresh."""
+def prepare(plan: Plan, runtime, resume_mode: str) -> None:
+    """The first work: read --init-from weights, clear a killed save, archive old checkpoints for a new run."""
+    checkpoint_dir = plan.dirs.checkpoints
     if plan.init_from is not None and plan.resume_from is None:
         from safetensors.torch import load_file
 
@@ -60,9 +69,11 @@ def prepare(plan: Plan, runtime, resume_mode: str, checkpoint_dir: Path = CHECKP
     if runtime.is_main:
         for path in remove_partial(checkpoint_dir):
             log.info("removed %s: a checkpoint that was being written when the last run was killed", path)
-    if resume_mode == "fresh" and runtime.is_main:
+    if (resume_mode == "fresh" or plan.restart) and runtime.is_main:
         moved = archive_checkpoints(checkpoint_dir)
-        if moved:
+        if plan.restart:
+            log.info("%s", restart_message(plan, moved))
+        elif moved:
             log.info("starting fresh: old checkpoints moved to %s", moved)
     runtime.barrier()
 
@@ -121,6 +132,9 @@ def train_step(model, train_model, ddp, optimizers, loader, x, y, accum: int, gr
         x, y, state = next(loader)
     # the gradients are synchronised now: clip those (nanochat clipped each rank's local ones)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    if not torch.isfinite(grad_norm):  # the same synchronised norm on every rank: all stop together
+        model.zero_grad(set_to_none=True)
+        raise NonFiniteGradient(f"gradient norm is {float(grad_norm)}", loss_sum)
     apply_schedules(optimizers, lrm, momentum)
     for opt in optimizers:
         opt.step()
@@ -128,7 +142,7 @@ def train_step(model, train_model, ddp, optimizers, loader, x, y, accum: int, gr
     return loss_sum, grad_norm, (x, y, state)
 
 
-def train(plan: Plan, runtime, run, stop: StopFlag, checkpoint_dir: Path = CHECKPOINT_DIR) -> TrainResult:
+def train(plan: Plan, runtime, run, stop: StopFlag) -> TrainResult:
     """Build, resume, loop, save. Returns the result on every rank (its summary on rank 0 only)."""
     import torch
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -141,6 +155,7 @@ def train(plan: Plan, runtime, run, stop: StopFlag, checkpoint_dir: Path = CHECK
     from nanoforge.model.sampling import generate
 
     cfg, device, main = plan.cfg, runtime.device, runtime.is_main
+    checkpoint_dir = plan.dirs.checkpoints
     torch.manual_seed(cfg.seed)
     model = build_model(plan.model_config, device)
     optimizers = build_optimizers(model, cfg.matrix_lr, cfg.embedding_lr, cfg.unembedding_lr, cfg.weight_decay)
@@ -227,10 +242,25 @@ def train(plan: Plan, runtime, run, stop: StopFlag, checkpoint_dir: Path = CHECK
             runtime.synchronize()
             t0 = time.perf_counter()
             lrm = lr_multiplier(step, n, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
-            loss_sum, grad_norm, (x, y, state) = train_step(
-                model, train_model, ddp, optimizers, loader, x, y, plan.accum, cfg.grad_clip, lrm, muon_momentum(step),
-                runtime,
-            )
+            try:
+                loss_sum, grad_norm, (x, y, state) = train_step(
+                    model, train_model, ddp, optimizers, loader, x, y, plan.accum, cfg.grad_clip, lrm,
+                    muon_momentum(step), runtime,
+                )
+            except NonFiniteGradient as exc:  # every rank is here: the norm was synchronised
+                mean_loss = exc.loss_sum / plan.accum
+                runtime.all_reduce_sum(mean_loss)
+                if not math.isfinite(mean_loss.item()):
+                    raise NonFiniteLoss(
+                        f"loss is {mean_loss.item() / plan.world_size} at step {step + 1}/{n}; stopped. The last good "
+                        f"checkpoint is kept in {checkpoint_dir}. Try a lower learning rate, grad_clip > 0, or dtype float32"
+                    ) from None
+                raise NonFiniteGradient(
+                    f"{exc} at step {step + 1}/{n} while the loss was still finite ({mean_loss.item() / plan.world_size:.4f}); "
+                    "stopped before the optimizer step, so nothing was applied. The last "
+                    f"good checkpoint is kept in {checkpoint_dir}. Lower the learning rates (train.matrix_lr, "
+                    "train.embedding_lr, train.unembedding_lr), set train.grad_clip > 0, or train.dtype float32"
+                ) from None
             # one all-reduce carries the mean loss and whether any rank was asked to stop
             stats = torch.stack([loss_sum / plan.accum, torch.tensor(float(stop.signum > 0), device=device)])
             runtime.all_reduce_sum(stats)

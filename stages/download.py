@@ -17,7 +17,7 @@ from nanoforge import pipes
 from nanoforge.common import MANIFEST_FILE
 from nanoforge.config import ConfigError, parse_override, resolve, stage_parser
 from nanoforge.data.download import (
-    DownloadError, check_sources, configured_indices, parse_indices, resolve_sources, run_download,
+    DownloadError, check_sources, configured_indices, parse_indices, resolve_sources, run_download, unpack_limits,
 )
 from nanoforge.data.eval_bundle import BundleError
 from nanoforge.data.fetch import FetchError
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         sources = resolve_sources(cfg, overridden)
         print(f"[download] {sources.describe()}", flush=True)
         check_sources(sources, only if only is not None else configured_indices(cfg), bundle=only is None)
+        unpack_limits(cfg)  # a bad NANOFORGE_BUNDLE_MAX_* fails here, not after the shards
     except (ConfigError, DownloadError, BundleError, ShardError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

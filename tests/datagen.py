@@ -1,4 +1,4 @@
-"""Test data the tests make themselves: web-like text shards and a tiny CORE eval bundle.
+"""Test data the tests make themselves: web-like text shards, a tiny CORE eval bundle, hostile zips.
 
 The text is generated from a small grammar with a fixed seed, so a tiny model can
 visibly learn it and every run produces identical bytes. It mixes in non-ASCII
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import random
+import zipfile
+import zlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -117,3 +119,68 @@ def make_eval_bundle(directory: str | Path, items_per_task: int = 12, seed: int 
     (directory / "core.yaml").write_text("\n".join(lines) + "\n")
     (directory / "eval_meta_data.csv").write_text("\n".join(meta) + "\n")
     return directory
+
+
+# --- hostile archives: a zip bomb that is small on disk
+
+def _zeros_deflated(size: int) -> tuple[bytes, int]:
+    """`size` zero bytes as one raw deflate stream (~1000:1, as a bomb is) and their CRC-32, in ~2s per GB."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15, 9, zlib.Z_RLE)  # RLE: what zeros need, many times faster
+    block, chunks, crc, left = bytes(1 << 20), [], 0, size
+    while left:
+        part = block[: min(left, len(block))]
+        chunks.append(packer.compress(part))
+        crc = zlib.crc32(part, crc)
+        left -= len(part)
+    chunks.append(packer.flush())
+    return b"".join(chunks), crc
+
+
+def make_zip_bomb(path: str | Path, bundle: str | Path, unpacked_bytes: int, padding_bytes: int = 0) -> Path:
+    """A real bundle zipped (under eval_bundle/), plus eval_data/bomb.jsonl: `unpacked_bytes` of zeros.
+
+    `padding_bytes` of random (incompressible) data in another entry make the archive as a whole
+    look harmless, so only the bomb entry's own ratio gives it away.
+    """
+    path, bundle = Path(path), Path(bundle)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        data, crc = _zeros_deflated(unpacked_bytes)
+        info = zipfile.ZipInfo("eval_bundle/eval_data/bomb.jsonl", date_time=(2024, 1, 1, 0, 0, 0))
+        info.compress_type = zipfile.ZIP_DEFLATED
+        # a raw entry: zipfile writes the header with these sizes, then the deflate stream as it is
+        info.file_size, info.compress_size, info.CRC = unpacked_bytes, len(data), crc
+        info.header_offset = zf.fp.tell()
+        zf.fp.write(info.FileHeader(zip64=False))
+        zf.fp.write(data)
+        zf.start_dir = zf.fp.tell()
+        zf.filelist.append(info)
+        zf.NameToInfo[info.filename] = info
+        # first the bomb, then the rest: data behind it is what a lying compress_size would read on into
+        for file in sorted(bundle.rglob("*")):
+            if file.is_file():
+                zf.write(file, f"eval_bundle/{file.relative_to(bundle)}")
+        if padding_bytes:
+            zf.writestr("eval_bundle/eval_data/padding.bin", random.Random(0).randbytes(padding_bytes))
+    return path
+
+
+def lie_in_central_directory(path: str | Path, name: str, *, file_size: int | None = None,
+                             compress_size: int | None = None) -> Path:
+    """Rewrite the sizes the central directory declares for entry `name` (the data stays as it is)."""
+    path = Path(path)
+    data = bytearray(path.read_bytes())
+    offset = 0
+    encoded = name.encode()
+    while True:
+        offset = data.index(b"PK\x01\x02", offset)
+        name_len = int.from_bytes(data[offset + 28:offset + 30], "little")
+        if bytes(data[offset + 46:offset + 46 + name_len]) == encoded:
+            break
+        offset += 4
+    if compress_size is not None:
+        data[offset + 20:offset + 24] = compress_size.to_bytes(4, "little")
+    if file_size is not None:
+        data[offset + 24:offset + 28] = file_size.to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    return path

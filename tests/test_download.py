@@ -29,7 +29,7 @@ from nanoforge.data.eval_bundle import BundleError, check_bundle, unpack_bundle
 from nanoforge.data.shards import read_manifest, shard_stats
 from stages.download import main
 from tests.conftest import REPO, make_project, run, tool
-from tests.datagen import make_eval_bundle, make_fineweb, write_shard
+from tests.datagen import lie_in_central_directory, make_eval_bundle, make_fineweb, make_zip_bomb, write_shard
 from tests.mirror_server import MirrorServer
 
 SHARDS = ["shard_00000.parquet", "shard_00001.parquet", "shard_01822.parquet"]
@@ -362,6 +362,62 @@ def test_zip_slip_over_http_leaves_no_bundle(workdir, tmp_path, server, monkeypa
     assert not Path("data/eval_bundle").exists() and not Path("data/x").exists()
     assert not Path("data/fineweb/MANIFEST.json").exists()
     assert_clean()
+
+
+BOMB = "eval_bundle/eval_data/bomb.jsonl"
+
+
+def test_a_zip_bomb_is_refused_before_anything_is_written(workdir, tmp_path, server, monkeypatch, capsys):
+    """1.06 MB on disk, 1.09 GB unpacked (1,029:1): the probe that used to fill data/eval_bundle."""
+    bomb = make_zip_bomb(tmp_path / "evil" / "eval_bundle.zip", make_eval_bundle(tmp_path / "b"), 1_090_000_000)
+    assert bomb.stat().st_size < 2_000_000
+    with MirrorServer(bomb.parent) as evil:
+        monkeypatch.setenv("NANOFORGE_MIRROR", server.url)
+        assert stage("--set", f"eval_bundle_url={evil.url}/eval_bundle.zip") == 1
+    err = capsys.readouterr().err
+    assert f"refusing entry '{BOMB}': a zip bomb (1,090.0 MB from 1,05" in err and "over the limit of 200:1" in err
+    assert "NANOFORGE_BUNDLE_MAX_RATIO" in err  # how to raise it, for a trusted archive
+    assert not Path("data/eval_bundle").exists() and not Path("data/fineweb/MANIFEST.json").exists()
+    assert_clean()  # no temporary folder, no downloaded archive left behind
+
+
+def test_lying_zip_headers_are_caught_while_writing(tmp_path):
+    """Headers can lie: sizes are counted as bytes are written, against what the file really holds."""
+    bundle = make_eval_bundle(tmp_path / "b")
+    out = tmp_path / "out"
+    # a compress_size claiming 32 MB makes 64 MB of zeros look like 2:1; the entry really spans 65 KB of the file
+    hidden = make_zip_bomb(tmp_path / "hidden.zip", bundle, 64 << 20, padding_bytes=1 << 20)
+    lie_in_central_directory(hidden, BOMB, compress_size=32 << 20)
+    with pytest.raises(BundleError, match=rf"refusing entry '{BOMB}': a zip bomb \(over 1\d\.\d MB from 6\d\.\d KB "
+                                          r"in the file, over the limit of 200:1"):
+        unpack_bundle(hidden, out / "eval_bundle")
+    assert not list(out.rglob("*"))
+    # a file_size claiming 1000 bytes: never more than that is written, and the CRC gives it away
+    small = make_zip_bomb(tmp_path / "small.zip", bundle, 64 << 20, padding_bytes=1 << 20)
+    lie_in_central_directory(small, BOMB, file_size=1000)
+    with pytest.raises(BundleError, match=rf"entry '{BOMB}' is corrupt \(Bad CRC-32"):
+        unpack_bundle(small, out / "eval_bundle")
+    assert not list(out.rglob("*"))
+
+
+def test_zip_limits_can_be_raised_for_a_trusted_archive(workdir, tmp_path, monkeypatch, capsys):
+    bomb = make_zip_bomb(tmp_path / "bomb.zip", make_eval_bundle(tmp_path / "b"), 8 << 20)
+    monkeypatch.setenv("NANOFORGE_BUNDLE_MAX_BYTES", "5e6")  # the total, named at the entry that crosses it
+    with pytest.raises(BundleError, match=rf"refusing entry '{BOMB}': with it the zip unpacks to 8.4 MB, "
+                                          r"over the limit of 5.0 MB"):
+        unpack_bundle(bomb, tmp_path / "out" / "eval_bundle")
+    monkeypatch.delenv("NANOFORGE_BUNDLE_MAX_BYTES")
+    monkeypatch.setenv("NANOFORGE_BUNDLE_MAX_RATIO", "5000")
+    assert unpack_bundle(bomb, tmp_path / "out" / "eval_bundle")["files"] == 6
+    assert (tmp_path / "out" / "eval_bundle" / "eval_data" / "bomb.jsonl").stat().st_size == 8 << 20
+    # a bad value is refused before any work, naming the variable
+    monkeypatch.setenv("NANOFORGE_BUNDLE_MAX_RATIO", "lots")
+    monkeypatch.setenv("NANOFORGE_MIRROR", str(tmp_path / "nowhere"))
+    make_fineweb(tmp_path / "nowhere", train=(0, 1), val=1822, docs_per_shard=20, manifest=False)
+    bomb.rename(tmp_path / "nowhere" / "eval_bundle.zip")
+    assert stage() == 2
+    assert "NANOFORGE_BUNDLE_MAX_RATIO='lots' is not a number" in capsys.readouterr().err
+    assert not Path("data").exists()
 
 
 def test_bundle_zip_layouts(tmp_path):

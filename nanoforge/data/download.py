@@ -46,7 +46,9 @@ from typing import Mapping
 
 from nanoforge.common import DATA_DIR, EVAL_BUNDLE_DIR, FINEWEB_DIR, MANIFEST_FILE, get_logger, sha256_file, shard_name
 from nanoforge.config import LAST_SHARD, ConfigError, DownloadConfig
-from nanoforge.data.eval_bundle import BundleError, bundle_ok, check_bundle, copy_bundle, unpack_bundle
+from nanoforge.data.eval_bundle import (
+    BundleError, Limits, bundle_limits, bundle_ok, check_bundle, copy_bundle, unpack_bundle,
+)
 from nanoforge.data.fetch import (
     DiskFullError, FetchError, fetch, free_bytes, is_locked, is_url, locked, part_path, probe, show_progress,
 )
@@ -377,11 +379,22 @@ def _check_zip(path: Path) -> None:
         raise BundleError(f"zip entry {bad!r} fails its CRC check")
 
 
+def unpack_limits(cfg: DownloadConfig) -> Limits:
+    """The zip-bomb limits for the bundle: download.bundle_max_unpacked_bytes / bundle_max_ratio when the
+    config has them, NANOFORGE_BUNDLE_MAX_BYTES / _RATIO over those. BundleError names a bad value."""
+    if {"bundle_max_unpacked_bytes", "bundle_max_ratio"} <= set(type(cfg).model_fields):
+        return bundle_limits(cfg.bundle_max_unpacked_bytes, cfg.bundle_max_ratio,
+                             "download.bundle_max_unpacked_bytes / download.bundle_max_ratio "
+                             "(NANOFORGE_BUNDLE_MAX_BYTES / NANOFORGE_BUNDLE_MAX_RATIO override them)")
+    return bundle_limits()
+
+
 def ensure_bundle(cfg: DownloadConfig, sources: Sources | None = None, directory: str | Path = EVAL_BUNDLE_DIR,
                   stop: threading.Event | None = None) -> dict:
     """Make `directory` hold a complete eval bundle. Returns {status, tasks, files, bytes}."""
     sources = sources or resolve_sources(cfg)
     directory = Path(directory)
+    limits = unpack_limits(cfg)
     if bundle_ok(directory):
         info = check_bundle(directory)
         log.info("eval bundle present (%d tasks) in %s; delete it to fetch it again", info["tasks"], directory)
@@ -398,14 +411,14 @@ def ensure_bundle(cfg: DownloadConfig, sources: Sources | None = None, directory
                                progress=progress.update, stop=stop)
             log.info("eval bundle: %.1f MB in %.1fs", result.bytes / 1e6, result.seconds)
             try:
-                info = unpack_bundle(archive, directory)
+                info = unpack_bundle(archive, directory, limits)
             finally:
                 archive.unlink(missing_ok=True)
         status = "downloaded"
     elif Path(src).is_dir():
         info, status = copy_bundle(src, directory), "copied"
     else:
-        info, status = unpack_bundle(src, directory), "unpacked"
+        info, status = unpack_bundle(src, directory, limits), "unpacked"
     log.info("eval bundle %s: %d tasks, %d files in %s", status, info["tasks"], info["files"], directory)
     return {"status": status, **info}
 

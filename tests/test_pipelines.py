@@ -29,7 +29,7 @@ import yaml
 from dagster._core.definitions.data_version import StaleStatus
 
 from pipelines import dvc_graph
-from pipelines.assets import load_project
+from pipelines.project import load_project
 from pipelines.definitions import build_definitions
 from tests.conftest import REPO, module_env, run, tool
 from tests.pipelines_synth import make_synthetic, write_pipeline

@@ -167,7 +167,8 @@ def test_champion_moves_only_when_val_bpb_improves(e2e, tmp_path, monkeypatch):
     """A worse candidate is registered but not promoted; a better one takes the alias."""
     from mlflow.tracking import MlflowClient
 
-    from nanoforge import registry as register
+    from nanoforge import registry
+    from stages import register
 
     work = tmp_path / "work"
     for rel in ("artifacts/model", "artifacts/tokenizer", "artifacts/train", "artifacts/eval"):
@@ -192,7 +193,7 @@ def test_champion_moves_only_when_val_bpb_improves(e2e, tmp_path, monkeypatch):
         assert run_.data.metrics["candidate_val_bpb"] == pytest.approx(champion_bpb + delta)
         assert run_.data.metrics["champion_val_bpb"] == pytest.approx(champion_bpb)
     # the decision rule itself, at its edges
-    assert register.decide({"val_bpb": math.nan}, None)[0] is False
-    assert register.decide({"val_bpb": 1.0}, None)[0] is True
-    assert register.decide({"val_bpb": 1.0, "core": 0.3}, {"version": 2, "val_bpb": 1.0, "core": 0.2})[0] is True
-    assert register.decide({"val_bpb": 1.0, "core": 0.1}, {"version": 2, "val_bpb": 1.0, "core": 0.2})[0] is False
+    assert registry.decide({"val_bpb": math.nan}, None)[0] is False
+    assert registry.decide({"val_bpb": 1.0}, None)[0] is True
+    assert registry.decide({"val_bpb": 1.0, "core": 0.3}, {"version": 2, "val_bpb": 1.0, "core": 0.2})[0] is True
+    assert registry.decide({"val_bpb": 1.0, "core": 0.1}, {"version": 2, "val_bpb": 1.0, "core": 0.2})[0] is False

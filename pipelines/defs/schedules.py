@@ -12,7 +12,7 @@ import socket
 
 import dagster as dg
 
-from pipelines.assets import Project
+from pipelines.project import Project
 
 ACTIVE = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED,
           dg.DagsterRunStatus.CANCELING]
@@ -32,12 +32,12 @@ def active_pipeline_runs(instance: dg.DagsterInstance) -> list[str]:
     return [r.dagster_run.run_id for r in runs if r.dagster_run.job_name in PIPELINE_JOBS and _alive(r.dagster_run)]
 
 
-def build_schedule(project: Project, job) -> dg.ScheduleDefinition:
+def build_schedule(project: Project) -> dg.ScheduleDefinition:
     cfg = project.pipeline
 
     @dg.schedule(
         name="nightly_retrain",
-        job=job,
+        job_name="retrain",
         cron_schedule=cfg.nightly_cron,
         execution_timezone=cfg.timezone,
         default_status=dg.DefaultScheduleStatus.RUNNING,
@@ -55,3 +55,7 @@ def build_schedule(project: Project, job) -> dg.ScheduleDefinition:
         )
 
     return nightly_retrain
+
+
+def defs(project: Project) -> dg.Definitions:
+    return dg.Definitions(schedules=[build_schedule(project)])

@@ -137,3 +137,10 @@ class MlflowResource(dg.ConfigurableResource):
         base = self.uri if self.uri.startswith(("http://", "https://")) else self.ui_url
         out["mlflow_run_url"] = dg.MetadataValue.url(f"{base.rstrip('/')}/#/experiments/{exp}/runs/{run_id}")
         return out
+
+
+def defs(project) -> dg.Definitions:
+    return dg.Definitions(resources={
+        "dvc": DvcResource(root=str(project.root)),
+        "mlflow": MlflowResource(root=str(project.root)),
+    })

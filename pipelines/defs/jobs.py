@@ -6,17 +6,19 @@ Notable:
   of these jobs (a job runs one partitioning); `download` fetches whatever is missing.
 - The in-process executor runs a job's steps one after another in one process: DVC
   serializes them anyway, and it saves a Python start-up per step.
+- `dvc_remote` (the push) is in `retrain` only: the `pipeline` job (make demo, the
+  inputs sensor) leaves the push for after the run is committed.
 """
 
 from __future__ import annotations
 
 import dagster as dg
 
-from pipelines.assets import DOWNLOAD, REMOTE, Project
+from pipelines.project import DOWNLOAD, REMOTE, Project
 
 
 def pipeline_selection(project: Project) -> dg.AssetSelection:
-    return dg.AssetSelection.assets(dg.AssetKey(DOWNLOAD), *project.stage_keys)
+    return dg.AssetSelection.assets(DOWNLOAD, *project.stage_assets)
 
 
 def build_jobs(project: Project) -> dict[str, dg.UnresolvedAssetJobDefinition]:
@@ -45,3 +47,7 @@ def build_jobs(project: Project) -> dict[str, dg.UnresolvedAssetJobDefinition]:
             tags={"nanoforge/job": "eval_and_report"},
         )
     return jobs
+
+
+def defs(project: Project) -> dg.Definitions:
+    return dg.Definitions(jobs=list(build_jobs(project).values()), executor=dg.in_process_executor)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from pipelines.assets import DOWNLOAD, Project, _data_dvc_md5
+from pipelines.project import DOWNLOAD, Project, data_dvc_md5
 
 WATCHED = ("params.yaml", "data.dvc")
 
@@ -40,10 +40,10 @@ def latest_data_version(instance: dg.DagsterInstance, key: dg.AssetKey) -> str |
     return (event.asset_materialization.tags or {}).get("dagster/data_version")
 
 
-def build_inputs_sensor(project: Project, job) -> dg.SensorDefinition:
+def build_inputs_sensor(project: Project) -> dg.SensorDefinition:
     @dg.sensor(
         name="pipeline_inputs_changed",
-        job=job,
+        job_name="pipeline",
         minimum_interval_seconds=30,
         default_status=dg.DefaultSensorStatus.RUNNING,
         description="Runs the pipeline when params.yaml or data.dvc changes (cursor: their hashes).",
@@ -60,10 +60,10 @@ def build_inputs_sensor(project: Project, job) -> dg.SensorDefinition:
         if "params.yaml" in changed:
             return dg.RunRequest(tags={"nanoforge/trigger": "params.yaml changed",
                                        "nanoforge/params_sha256": now["params.yaml"] or ""})
-        md5 = _data_dvc_md5(project.root)
+        md5 = data_dvc_md5(project.root)
         if md5 is not None and md5 == latest_data_version(context.instance, dg.AssetKey(DOWNLOAD)):
             return dg.SkipReason("data.dvc changed by the pipeline's own download asset")
-        return dg.RunRequest(asset_selection=project.stage_keys,
+        return dg.RunRequest(asset_selection=[dg.AssetKey(n) for n in project.stage_assets],
                              tags={"nanoforge/trigger": "data.dvc changed", "nanoforge/data_dvc_md5": md5 or ""})
 
     return pipeline_inputs_changed
@@ -130,3 +130,7 @@ def _fail_parent(dagster_run_id: str, text: str) -> None:
                 tracking.end_pipeline_run(parent.info.run_id, "FAILED", {"error": text[:1000]})
     except Exception:
         pass
+
+
+def defs(project: Project) -> dg.Definitions:
+    return dg.Definitions(sensors=[build_inputs_sensor(project), build_failure_sensor(project)])

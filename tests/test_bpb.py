@@ -140,6 +140,71 @@ def test_bpb_of_the_real_gpt_matches_its_logits(bpe):
     assert got != pytest.approx(uniform, rel=1e-3)  # the check above compared real predictions
 
 
+def _opinionated_gpt(vocab: int, padded: bool = True):
+    from nanoforge.model.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    # vocab not a multiple of 64: the padding crop runs inside every chunk too
+    model = GPT(GPTConfig(sequence_len=32, vocab_size=vocab, n_layer=2, n_head=2, n_kv_head=1, n_embd=32))
+    model.init_weights()
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.3)
+    return model
+
+
+def _head_rows(model) -> list[int]:
+    """Positions per LM-head call, recorded by a forward hook (what sizes the fp32 logits)."""
+    seen: list[int] = []
+    model.lm_head.register_forward_hook(lambda _m, _i, out: seen.append(out.numel() // out.size(-1)))
+    return seen
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64, 10_000])
+def test_chunked_eval_loss_equals_the_unchunked_training_loss(rows):
+    # issue 12: eval materialised B x T x vocab fp32 logits several times over (50 GB at d20)
+    model = _opinionated_gpt(300)
+    x = torch.randint(0, 300, (5, 32))
+    y = torch.randint(0, 300, (5, 32))
+    y[0, :3] = -1  # ignored targets
+    seen = _head_rows(model)
+    with torch.enable_grad():  # the training path: one head call over every position
+        full = model(x, y, loss_reduction="none").detach()
+        full_mean = model(x, y).detach()
+    seen.clear()
+    with torch.no_grad():
+        chunked = model(x, y, loss_reduction="none", loss_chunk_rows=rows)
+        chunked_mean = model(x, y, loss_chunk_rows=rows)
+        chunked_sum = model(x, y, loss_reduction="sum", loss_chunk_rows=rows)
+    assert max(seen) <= rows and sum(seen) == 3 * 5 * 32  # never more than `rows` positions of logits at once
+    assert chunked.shape == (5, 32) and torch.all(chunked[0, :3] == 0)
+    assert torch.allclose(chunked, full, atol=1e-6, rtol=0)
+    assert abs(chunked_mean.item() - full_mean.item()) < 1e-6
+    assert abs(chunked_sum.item() - full[y >= 0].sum().item()) < 1e-4 * full.numel()
+
+
+def test_eval_chunks_follow_the_byte_budget(bpe, monkeypatch):
+    import nanoforge.model.gpt as gpt
+
+    model = _opinionated_gpt(bpe.vocab_size)
+    rows = load_rows(make_documents(30, seed=3), bpe, seq_len=32, num_tokens=800)
+    reference = evaluate_bpb(model, rank_batches(rows, 5, CPU), bpe.token_bytes, CPU)
+    monkeypatch.setattr(gpt, "LOSS_CHUNK_BYTES", 4 * bpe.vocab_size * 40)  # 40 positions of fp32 logits
+    seen = _head_rows(model)
+    got = evaluate_bpb(model, rank_batches(rows, 5, CPU), bpe.token_bytes, CPU)
+    assert max(seen) == 40 and got == pytest.approx(reference, abs=1e-6)
+    assert got == pytest.approx(brute_force_bpb(model, rows, bpe), rel=1e-5)
+
+
+def test_no_grad_logits_are_bit_identical_to_the_grad_path():
+    model = _opinionated_gpt(300)
+    x = torch.randint(0, 300, (3, 32))
+    with torch.enable_grad():
+        ref = model(x).detach()
+    with torch.no_grad():  # the in-place softcap
+        got = model(x)
+    assert torch.equal(got, ref) and got.shape == (3, 32, 300)
+
+
 def test_zero_bytes_is_an_error():
     tok = byte_tokenizer()
     x = torch.full((1, 4), tok.bos_id)

@@ -13,6 +13,9 @@ Notable:
   get the same number. Accumulation is float64 (float32 on MPS, which has none).
 - Rows are built once (`load_rows`) and reused: training evaluates every few
   hundred steps without re-tokenizing.
+- Memory: under no_grad the GPT computes head, softcap and cross-entropy in chunks
+  of positions (`nanoforge.model.gpt.LOSS_CHUNK_BYTES`), so a batch of 32 x 2048 at
+  vocab 65,536 never holds its 17 GB of fp32 logits at once.
 """
 
 from __future__ import annotations

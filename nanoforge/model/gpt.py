@@ -9,6 +9,10 @@ Notable:
 - Logits are softcapped as 15*tanh(x/15) in float32. The vocabulary is padded to
   a multiple of 64 (faster matmuls); the padding is cropped from the logits, so
   callers never see it.
+- Without gradients (BPB, evaluation) the head, softcap and cross-entropy run in
+  chunks of positions (`LOSS_CHUNK_BYTES` of fp32 logits each), so the eval
+  transient is bounded instead of several copies of B x T x vocab in fp32; the
+  training (grad) path is the plain, unchunked one.
 - Init as nanochat: linear std 1/sqrt(fan_in)*min(1, sqrt(fan_out/fan_in)),
   embedding N(0, 1), LM head and both output projections zero.
 - `estimate_flops()` is nanochat's: 6*(params - embedding) + 12*L*heads*head_dim*T.
@@ -26,6 +30,9 @@ from nanoforge.model.shape import VOCAB_MULTIPLE, GPTConfig, config_for_depth  #
 
 SOFTCAP = 15.0
 ROPE_BASE = 10_000
+# fp32 logits per chunk of the no-grad loss (evaluation); the softcap and log-softmax
+# transients are a few times this, independent of the batch
+LOSS_CHUNK_BYTES = 1 << 30
 
 
 def norm(x: torch.Tensor) -> torch.Tensor:
@@ -157,7 +164,15 @@ class GPT(nn.Module):
 
     # --- forward
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_reduction: str = "mean"):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_reduction: str = "mean",
+                loss_chunk_rows: int | None = None):
+        """Logits (B, T, V) in fp32, or the cross-entropy against `targets` (-1 ignored).
+
+        Without gradients (evaluation), the loss is computed `loss_chunk_rows` rows (B*T
+        positions) at a time, so the fp32 logits never exist for the whole batch: at seq 2048,
+        batch 32 and vocab 65,536 they are 17 GB a copy. With gradients the loss path is the
+        plain one (what torch.compile fuses), unchanged.
+        """
         B, T = idx.size()
         if T > self.cos.size(1):
             raise ValueError(f"sequence of {T} tokens is longer than the rotary cache ({self.cos.size(1)})")
@@ -166,11 +181,9 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, cos, sin)
         x = norm(x)
-        logits = self.lm_head(x)
-        if self.config.padded_vocab_size != self.config.vocab_size:
-            logits = logits[..., : self.config.vocab_size]
-        logits = logits.float()
-        logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
+        if targets is not None and not torch.is_grad_enabled():
+            return self._chunked_loss(x, targets, loss_reduction, loss_chunk_rows)
+        logits = self._logits(x)
         if targets is None:
             return logits
         loss = F.cross_entropy(
@@ -179,6 +192,37 @@ class GPT(nn.Module):
         if loss_reduction == "none":
             loss = loss.view(B, T)
         return loss
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """LM head, crop the vocabulary padding, softcap in fp32."""
+        logits = self.lm_head(x)
+        if self.config.padded_vocab_size != self.config.vocab_size:
+            logits = logits[..., : self.config.vocab_size]
+        logits = logits.float()
+        if torch.is_grad_enabled():
+            return SOFTCAP * torch.tanh(logits / SOFTCAP)
+        # in place without autograd: the same ops, the same bits, one fp32 copy instead of four
+        return logits.div_(SOFTCAP).tanh_().mul_(SOFTCAP)
+
+    def loss_chunk_rows(self) -> int:
+        """Positions per chunk of the no-grad loss: about LOSS_CHUNK_BYTES of fp32 logits."""
+        return max(1, LOSS_CHUNK_BYTES // (4 * self.config.vocab_size))
+
+    def _chunked_loss(self, x: torch.Tensor, targets: torch.Tensor, loss_reduction: str, rows: int | None):
+        B, T, C = x.size()
+        rows = rows or self.loss_chunk_rows()
+        flat_x, flat_y = x.reshape(-1, C), targets.reshape(-1).long()
+        losses = torch.empty(B * T, dtype=torch.float32, device=x.device)
+        for i in range(0, B * T, rows):
+            losses[i : i + rows] = F.cross_entropy(self._logits(flat_x[i : i + rows]), flat_y[i : i + rows],
+                                                   ignore_index=-1, reduction="none")
+        if loss_reduction == "none":
+            return losses.view(B, T)
+        if loss_reduction == "sum":
+            return losses.sum()
+        if loss_reduction == "mean":  # cross_entropy's mean: over the targets that are not ignored
+            return losses.sum() / (flat_y != -1).sum()
+        raise ValueError(f"loss_reduction={loss_reduction!r}: expected 'mean', 'sum' or 'none'")
 
 
 def build_model(config: GPTConfig, device: torch.device | str = "cpu") -> GPT:

@@ -8,6 +8,8 @@ Notable:
   where bf16 autocast measured about 2x faster than float32 for our models;
   float32 elsewhere.
 - A plain `python -m stages.x` is rank 0 of 1 and needs no process group.
+- On CUDA: TF32 for fp32 matmuls, and the allocator's expandable segments (set on
+  import, before CUDA allocates, unless PYTORCH_CUDA_ALLOC_CONF is already set).
 - `peak_flops()` for MFU: a table of known GPUs (dense bf16), and on a CPU a short
   matmul probe (~0.3 s), cached per CPU model, thread count, torch and dtype (and
   taken again when the cached one was measured on a busy machine).
@@ -18,12 +20,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+# The CUDA caching allocator reads its settings once, when CUDA first allocates, and this
+# module is imported before anything touches CUDA (planning reads free memory through it).
+# Expandable segments grow one mapping instead of caching blocks of every size, so the
+# eval and logits transients do not fragment memory into an OOM. A user's setting wins.
+ALLOC_CONF = "expandable_segments:True"
+if not (os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF")):
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOC_CONF
 
 
 @dataclass
@@ -100,6 +111,16 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def use_cuda_fast_math() -> None:
+    """TF32 tensor cores for the fp32 matmuls left outside bf16 autocast (fp32 runs, optimizer
+    math), as nanochat: ~8x the fp32 peak for a 10-bit mantissa (cuDNN's TF32 is on by default).
+
+    The legacy call, not `torch.backends.cuda.matmul.fp32_precision`: after the new API, any
+    reader of the legacy flags (compilers, libraries) raises on the mix; this sets both.
+    """
+    torch.set_float32_matmul_precision("high")
+
+
 def init_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
     """Pick the device and dtype; join the process group when launched by torchrun."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -109,6 +130,7 @@ def init_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
+        use_cuda_fast_math()
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         if dev.type == "cuda":
@@ -120,18 +142,35 @@ def init_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
 
 # --- peak FLOP/s, for MFU
 
-# dense bf16 tensor-core peaks, TFLOP/s (vendor datasheets; sparsity excluded)
+# Dense bf16 tensor-core peaks per GPU, TFLOP/s. Datasheets quote "with sparsity": half of
+# that is the dense figure. Sources (NVIDIA datasheets):
+#   H100 / H800 SXM 1,979 sparse -> 989; H100 / H800 PCIe 1,513 -> 756; H100 NVL 1,671 -> 835
+#     (nvidia.com/en-us/data-center/h100/, the H800 is the H100 with NVLink cut)
+#   H200 SXM 1,979 -> 989; H200 NVL 1,671 -> 835.5 (nvidia.com/en-us/data-center/h200/)
+#   GH200 1,979 -> 989 (nvidia.com/en-us/data-center/grace-hopper-superchip/)
+#   B200 (HGX B200, 8 GPUs: 36 PFLOPS bf16 sparse) -> 2,250; GB200 NVL72 (360 sparse / 72 GPUs) -> 2,500
+#   A100 / A800 312 dense (the A800 is the A100 with NVLink cut); A10 250 sparse -> 125;
+#   A10G (AWS) 70; L40S 733 sparse -> 362; L40 362 sparse -> 181; L4 242 sparse -> 121
+#   RTX 4090 165 and RTX 3090 71 (fp32 accumulate, Ada / Ampere whitepapers)
+# Matched as whole words in torch.cuda.get_device_name() ("NVIDIA H100 80GB HBM3"), so L4 is
+# not L40 and H200 not GH200; multi-word names come before their family.
 GPU_PEAK_TFLOPS = {
-    "H200": 989.0,
+    "H200 NVL": 835.5,
     "H100 NVL": 835.0,
     "H100 PCIe": 756.0,
-    "H100": 989.0,  # SXM
+    "H800 PCIe": 756.0,
     "GH200": 989.0,
+    "H200": 989.0,  # SXM
+    "H100": 989.0,  # SXM
+    "H800": 989.0,  # SXM
+    "GB200": 2500.0,
     "B200": 2250.0,
     "A100": 312.0,
+    "A800": 312.0,
     "A10G": 70.0,
     "A10": 125.0,
     "L40S": 362.0,
+    "L40": 181.0,
     "L4": 121.0,
     "RTX 4090": 165.0,
     "RTX 3090": 71.0,
@@ -139,8 +178,9 @@ GPU_PEAK_TFLOPS = {
 
 
 def gpu_peak_flops(name: str) -> float | None:
+    """Dense bf16 FLOP/s of the GPU called `name`, None when it is not in the table."""
     for key, tflops in GPU_PEAK_TFLOPS.items():  # ordered: specific names before their family
-        if key.lower() in name.lower():
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name, flags=re.IGNORECASE):
             return tflops * 1e12
     return None
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from nanoforge.common import ARTIFACTS_DIR, CHECKPOINT_DIR, FINEWEB_DIR, MODEL_DIR, TOKENIZER_DIR, TRAIN_DIR, read_json
 from nanoforge.config import ConfigError, TrainConfig
+from nanoforge.gpus import check_processes_fit_gpus
 from nanoforge.data.shards import read_manifest, train_shard_paths, val_shard_path
 from nanoforge.tokenizer.bpe import load_tokenizer
 from nanoforge.training.checkpoint import CheckpointError, compat_diff, latest_checkpoint, read_meta
@@ -121,6 +122,7 @@ def plan_run(cfg: TrainConfig, world_size: int, resume_mode: str, init_from: str
 
     if resume_mode not in ("auto", "fresh"):
         raise ConfigError(f"{RESUME_ENV}={resume_mode!r}: expected 'auto' (resume when possible) or 'fresh'")
+    check_processes_fit_gpus("train", cfg.nproc_per_node, cfg.device)  # before torch touches a device
     accum = TrainConfig.batch_geometry(cfg.total_batch_size, cfg.device_batch_size, cfg.max_seq_len, world_size)
     manifest = read_manifest(FINEWEB_DIR / "MANIFEST.json")
     train_paths = train_shard_paths(manifest, FINEWEB_DIR)

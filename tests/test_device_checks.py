@@ -1,0 +1,96 @@
+"""CUDA paths that can be checked without a GPU: processes vs visible GPUs, the peak-FLOPs
+table, the allocator and TF32 settings (issue 12)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def test_train_refuses_more_processes_than_gpus_before_any_work(tmp_path, monkeypatch):
+    # the d20 preset (8 processes) on a 1-GPU box died with "invalid device ordinal" in rank 1
+    from nanoforge.config import ConfigError, TrainConfig
+    from nanoforge.training.plan import plan_run
+
+    cfg = TrainConfig(depth=2, max_seq_len=32, device_batch_size=1, total_batch_size=256, nproc_per_node=8)
+    monkeypatch.chdir(tmp_path)  # no manifest, no tokenizer: the check comes before either is read
+    monkeypatch.setenv("NANOFORGE_VISIBLE_GPUS", "1")
+    with pytest.raises(ConfigError, match=r"^train\.nproc_per_node=8 but torch sees 1 GPU, .*"
+                                          r"set train\.nproc_per_node=1"):
+        plan_run(cfg, world_size=1, resume_mode="auto", init_from=None)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # under torchrun: what was launched counts
+    monkeypatch.setenv("NANOFORGE_VISIBLE_GPUS", "2")
+    with pytest.raises(ConfigError, match=r"^torchrun started 4 processes on this node but torch sees 2 GPUs"):
+        plan_run(cfg, world_size=4, resume_mode="auto", init_from=None)
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_process_check_applies_only_on_cuda(monkeypatch):
+    from nanoforge.gpus import check_processes_fit_gpus
+
+    monkeypatch.setenv("NANOFORGE_VISIBLE_GPUS", "1")
+    check_processes_fit_gpus("train", 8, "cpu")  # CPU ranks share the host: no GPU rule
+    check_processes_fit_gpus("train", 1, "auto")
+    monkeypatch.setenv("NANOFORGE_VISIBLE_GPUS", "0")
+    check_processes_fit_gpus("train", 8, "auto")  # auto falls back to the CPU
+
+
+def test_evaluate_refuses_more_processes_than_gpus_before_reading_anything(tmp_path, monkeypatch):
+    import logging
+
+    from nanoforge.config import ConfigError, EvaluateConfig
+    from nanoforge.evaluation.evaluate import check_inputs
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NANOFORGE_VISIBLE_GPUS", "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    with pytest.raises(ConfigError, match=r"^evaluate\.nproc_per_node=8 but torch sees 1 GPU \(CUDA_VISIBLE_DEVICES=3\)"
+                                          r".*set evaluate\.nproc_per_node=1"):
+        check_inputs(EvaluateConfig(nproc_per_node=8), logging.getLogger("test"))
+
+
+def test_the_stage_says_it_in_one_line(tmp_path):
+    env = {**os.environ, "NANOFORGE_VISIBLE_GPUS": "1", "PYTHONPATH": str(REPO), "NANOFORGE_TRACKING": "off"}
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    proc = subprocess.run([sys.executable, "-m", "stages.train", "--set", "nproc_per_node=8", "--set",
+                           "total_batch_size=16384"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: train.nproc_per_node=8 but torch sees 1 GPU" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("name, tflops", [
+    ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H100 NVL", 835),
+    ("NVIDIA H200", 989), ("NVIDIA H200 NVL", 835.5), ("NVIDIA GH200 480GB", 989),
+    ("NVIDIA H800", 989), ("NVIDIA H800 PCIe", 756), ("NVIDIA A800-SXM4-80GB", 312), ("NVIDIA A100-SXM4-40GB", 312),
+    ("NVIDIA B200", 2250), ("NVIDIA GB200", 2500),
+    ("NVIDIA L4", 121), ("NVIDIA L40", 181), ("NVIDIA L40S", 362), ("NVIDIA A10", 125), ("NVIDIA A10G", 70),
+    ("NVIDIA GeForce RTX 4090", 165), ("Tesla T4", None),
+])
+def test_peak_flops_names_match_whole_words(name, tflops):
+    from nanoforge.runtime import gpu_peak_flops
+
+    got = gpu_peak_flops(name)
+    assert (got is None) if tflops is None else got == pytest.approx(tflops * 1e12)
+
+
+def test_cuda_allocator_and_tf32_settings():
+    # set on import, before CUDA's allocator reads it; a user's own setting is left alone
+    code = "import os, nanoforge.runtime; print(os.environ.get('PYTORCH_CUDA_ALLOC_CONF'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")}
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "PYTHONPATH": str(REPO)}, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == "expandable_segments:True"
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "PYTHONPATH": str(REPO),
+                         "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}, capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "max_split_size_mb:512"
+    code = ("import torch, nanoforge.runtime as r; r.use_cuda_fast_math(); "
+            "print(torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32)")
+    out = subprocess.run([sys.executable, "-W", "error", "-c", code], env={**env, "PYTHONPATH": str(REPO)},
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "high True"

@@ -13,12 +13,16 @@ STAMP := $(VENV)/.setup-done
 TORCH_CPU ?= torch==2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 DVC_SPEC ?= dvc[s3]==3.67.1
+# team mode's S3 server (moto's standalone server), in a tool env of its own like DVC
+S3_ENV := $(VENV)/tools/s3
+MOTO_SPEC ?= moto[server]==5.2.5
+TEAM_STAMP := $(VENV)/.team-setup-done
 
 export DVC_NO_ANALYTICS := 1
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test ui mlflow repro bench clean help
+.PHONY: setup demo test ui mlflow repro bench clean help team-setup team-up team-down team-status test-team
 
 help:
 	@echo "make demo   install everything, then run the whole pipeline on the tiny preset"
@@ -27,6 +31,8 @@ help:
 	@echo "make mlflow open MLflow (http://127.0.0.1:5000) on the embedded store"
 	@echo "make repro  dvc repro (the pipeline without Dagster)"
 	@echo "make bench  run the benchmarks in bench/"
+	@echo "make team-up / team-down / team-status   the team stack: Postgres, S3, MLflow server, Dagster daemon + webserver"
+	@echo "make test-team  the team-mode tests (they start and stop their own stack)"
 
 setup: $(STAMP)
 
@@ -46,7 +52,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	  fi; \
 	else echo "setup: [1/3] torch is installed"; fi; \
 	echo "setup: [2/3] the project and its pinned dependencies (mlflow, dagster, rustbpe, tiktoken...): about a minute"; \
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'; \
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,team]'; \
 	if [ ! -x $(DVC_ENV)/bin/dvc ]; then \
 	  echo "setup: [3/3] DVC ($(DVC_SPEC)) in its own tool env $(DVC_ENV): about a minute"; \
 	  $(PYTHON) -m venv $(DVC_ENV); \
@@ -74,6 +80,34 @@ repro: setup
 
 bench: setup
 	$(BIN)/python -m bench $(BENCH)
+
+# Team mode: PostgreSQL from the distribution (apt, as root, when missing) and moto's S3 server.
+team-setup: $(TEAM_STAMP)
+
+$(TEAM_STAMP): $(STAMP)
+	@set -e; \
+	if ! ls /usr/lib/postgresql/*/bin/pg_ctl >/dev/null 2>&1 && ! command -v pg_ctl >/dev/null 2>&1; then \
+	  echo "team-setup: installing postgresql with apt-get"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; \
+	else echo "team-setup: postgresql is installed"; fi; \
+	if [ ! -x $(S3_ENV)/bin/moto_server ]; then \
+	  echo "team-setup: moto's S3 server ($(MOTO_SPEC)) in its own tool env $(S3_ENV)"; \
+	  $(PYTHON) -m venv $(S3_ENV); \
+	  $(S3_ENV)/bin/pip install --quiet '$(MOTO_SPEC)'; \
+	else echo "team-setup: moto is installed"; fi; \
+	touch $@
+
+team-up: team-setup
+	$(BIN)/python -m team up
+
+team-down:
+	$(BIN)/python -m team down
+
+team-status: setup
+	$(BIN)/python -m team status
+
+test-team: team-setup
+	$(BIN)/python -m pytest -m team tests/team $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -411,3 +411,83 @@ def test_real_bundle_parses_and_renders_like_nanochats_templates():
             else:
                 ref = [lm.render(inc=False, **ctx).strip(), lm.render(inc=True, **ctx)]
             assert render_prompts(t.kind, item, t.delimiter, shots) == ref, (t.label, i)
+
+
+# ---------------------------------------------------------------------------
+# prefix sharing: the options' common prefix forwarded once gives what full rows give
+
+from nanoforge.evaluation import prefix  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def gqa_gpt_and_bundle(gpt_and_bundle):
+    """The same tokenizer and bundle with a grouped-query model (2 query heads per key/value head)."""
+    from nanoforge.model.gpt import GPT, GPTConfig
+
+    _, tok, tasks = gpt_and_bundle
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=32))
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    return model.eval(), tok, tasks
+
+
+@pytest.mark.parametrize("which", ["gpt_and_bundle", "gqa_gpt_and_bundle"])
+@pytest.mark.parametrize("max_len", [None, 64, 40])
+def test_shared_prefix_scores_equal_full_rows(request, which, max_len):
+    model, tok, tasks = request.getfixturevalue(which)
+    shared_somewhere = False
+    for t in tasks:
+        data = prepare_items(t.items, None)
+        rows = core.build_rows(t, data, range(len(data)), tok, max_len, {})
+        full, full_exact = score_rows(model, rows, tok.bos_id, CPU, 64 * 8)
+        shared, shared_exact, tokens = prefix.score_rows_shared(model, rows, tok.bos_id, CPU, 64 * 8)
+        spans = [e - s for *_, s, e in rows]
+        # summed log-probs of every option's span, and the per-item decisions
+        assert [m * n for m, n in zip(shared, spans)] == pytest.approx([m * n for m, n in zip(full, spans)], abs=1e-4)
+        assert shared_exact == full_exact, t.label
+        for i in range(len(data)):
+            f = [full[r] for r, row in enumerate(rows) if row[0] == i]
+            s = [shared[r] for r, row in enumerate(rows) if row[0] == i]
+            assert s.index(min(s)) == f.index(min(f)), (t.label, i)
+        assert tokens["row_tokens"] == sum(len(r[2]) for r in rows)
+        shared_somewhere |= tokens["packed_tokens"] < tokens["row_tokens"]
+    assert shared_somewhere  # otherwise this test would compare full rows with full rows
+
+
+def test_uncropped_multiple_choice_forwards_the_prefix_once(gpt_and_bundle):
+    model, tok, tasks = gpt_and_bundle
+    t = next(t for t in tasks if t.kind == "multiple_choice")
+    data = prepare_items(t.items, None)
+    rows = core.build_rows(t, data, range(len(data)), tok, None, {})
+    groups = prefix.group_rows(rows)
+    assert len(groups) == len(data)  # one group per item: every option shares the item's prefix
+    for members, shared in groups:
+        assert shared == rows[members[0]][3]  # the prefix is everything before the answers
+    _, _, tokens = prefix.score_rows_shared(model, rows, tok.bos_id, CPU, 64 * 8)
+    expected = sum(shared + sum(len(rows[r][2]) - shared for r in members) for members, shared in groups)
+    assert tokens["packed_tokens"] == expected
+
+
+def test_tree_forward_of_one_row_is_the_models_forward(gqa_gpt_and_bundle):
+    """The tree forward mirrors GPT.forward; a change to one not made in the other fails here."""
+    model, tok, _ = gqa_gpt_and_bundle
+    ids = torch.randint(0, tok.vocab_size, (2, 30), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(30).expand(2, 30)
+    seg = torch.zeros(2, 30, dtype=torch.long)
+    select = torch.tensor([(b, t) for b in range(2) for t in range(30)])
+    got = prefix.tree_forward(model, ids, pos, seg, select).view(2, 30, -1)
+    with torch.no_grad():
+        assert torch.allclose(got, model(ids), atol=1e-5)
+
+
+def test_evaluate_task_shares_and_reports_tokens(gpt_and_bundle):
+    model, tok, tasks = gpt_and_bundle
+    t = next(t for t in tasks if t.kind == "multiple_choice")
+    shared = evaluate_task(model, tok, t, CPU, None, 64 * 8)
+    full = evaluate_task(model, tok, t, CPU, None, 64 * 8, share_prefix=False)
+    assert shared.correct == full.correct
+    assert shared.row_tokens == full.row_tokens == full.forwarded_tokens
+    assert shared.forwarded_tokens < 0.6 * shared.row_tokens

@@ -14,7 +14,8 @@ Notable:
 - Not nanochat's loop: nanochat runs one forward per item. Here the rows (one per
   option) of a task's items are sorted by length and packed into padded batches
   up to a token budget, so most forwards carry many items. Right padding with BOS
-  cannot change a causal model's logits at the real positions.
+  cannot change a causal model's logits at the real positions. With nanoforge's GPT
+  the options of an item go further: their shared prefix runs once (prefix.py).
 - Where nanochat would produce a NaN score or crash, we keep one token in the span
   and count it in the task's notes (never silently): an option that is a token
   prefix of another (empty span), options with no common suffix, an LM prompt
@@ -38,6 +39,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
+
+from nanoforge.evaluation import prefix
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 CORE_FILE = "core.yaml"
@@ -74,6 +77,8 @@ class TaskResult:
     seconds: float
     shots: int
     notes: dict[str, int] = field(default_factory=dict)
+    row_tokens: int = 0  # tokens of every option's full row (what one forward per option would run)
+    forwarded_tokens: int = 0  # tokens actually forwarded (fewer when options share their prefix)
 
 
 # ---------------------------------------------------------------------------
@@ -405,8 +410,13 @@ def centered(accuracy: float, baseline_percent: float) -> float:
 
 
 def evaluate_task(model, tokenizer, task: Task, runtime, max_len: int | None, batch_tokens: int,
-                  max_per_task: int | None = None, max_rows: int | None = None, log=None) -> TaskResult:
-    """Accuracy of `model` on one task; every rank must call it (results are all-reduced)."""
+                  max_per_task: int | None = None, max_rows: int | None = None, log=None,
+                  share_prefix: bool = True) -> TaskResult:
+    """Accuracy of `model` on one task; every rank must call it (results are all-reduced).
+
+    `share_prefix` (nanoforge's GPT only, and not with `max_rows`): the options of an item
+    forward their common prefix once (see prefix.py); otherwise every row runs in full.
+    """
     t0 = time.perf_counter()
     data = prepare_items(task.items, max_per_task)
     shots = min(task.num_fewshot, len(data) - 1)
@@ -415,7 +425,12 @@ def evaluate_task(model, tokenizer, task: Task, runtime, max_len: int | None, ba
     notes: dict[str, int] = {}
     mine = range(runtime.rank, len(data), runtime.world_size)
     rows = build_rows(task, data, mine, tokenizer, max_len, notes)
-    mean_loss, exact = score_rows(model, rows, tokenizer.bos_id, runtime, batch_tokens, max_rows)
+    if share_prefix and max_rows is None and prefix.supports(model):
+        mean_loss, exact, tokens = prefix.score_rows_shared(model, rows, tokenizer.bos_id, runtime, batch_tokens)
+    else:
+        mean_loss, exact = score_rows(model, rows, tokenizer.bos_id, runtime, batch_tokens, max_rows)
+        tokens = {"row_tokens": sum(len(r[2]) for r in rows)}
+        tokens["packed_tokens"] = tokens["row_tokens"]
     # per item: lowest mean loss wins (first on ties), or LM exact match
     best: dict[int, tuple[float, int]] = {}
     correct = torch.zeros(len(data), dtype=torch.float64)
@@ -426,15 +441,16 @@ def evaluate_task(model, tokenizer, task: Task, runtime, max_len: int | None, ba
             best[i] = (mean_loss[r], option)
     for i, (_, option) in best.items():
         correct[i] = float(option == data[i]["gold"])
-    # one fixed vector per rank (items scored, then every note), so ranks reduce the same shape
-    counts = torch.tensor([float(len(mine))] + [float(notes.get(k, 0)) for k in NOTES], dtype=torch.float64)
+    # one fixed vector per rank (items scored, row and forwarded tokens, then every note), so ranks reduce the same shape
+    counts = torch.tensor([float(len(mine)), float(tokens["row_tokens"]), float(tokens["packed_tokens"])]
+                          + [float(notes.get(k, 0)) for k in NOTES], dtype=torch.float64)
     dev = runtime.device if runtime.device.type != "mps" else torch.device("cpu")  # MPS has no float64
     correct, counts = runtime.all_reduce_sum(correct.to(dev)), runtime.all_reduce_sum(counts.to(dev))
     num_correct = int(round(correct.sum().item()))
     if int(counts[0].item()) != len(data):
         raise RuntimeError(f"task {task.label}: {int(counts[0].item())} items scored across ranks, expected {len(data)}")
     accuracy = num_correct / len(data)
-    notes = {k: int(v) for k, v in zip(NOTES, counts[1:].tolist()) if v}
+    notes = {k: int(v) for k, v in zip(NOTES, counts[3:].tolist()) if v}
     if log is not None:
         odd = {k: v for k, v in notes.items() if k != "rows_cropped"}  # crops are expected with a short context
         if odd:
@@ -442,7 +458,7 @@ def evaluate_task(model, tokenizer, task: Task, runtime, max_len: int | None, ba
         if notes.get("rows_cropped"):
             log.info("task %s: %d rows cropped to the last %s tokens", task.label, notes["rows_cropped"], max_len)
     return TaskResult(task.label, accuracy, centered(accuracy, task.baseline), len(data), num_correct,
-                      task.baseline, time.perf_counter() - t0, shots, notes)
+                      task.baseline, time.perf_counter() - t0, shots, notes, int(counts[1].item()), int(counts[2].item()))
 
 
 def evaluate_core(model, tokenizer, tasks: list[Task], runtime, max_len: int | None, batch_tokens: int,

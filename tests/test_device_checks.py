@@ -94,3 +94,85 @@ def test_cuda_allocator_and_tf32_settings():
     out = subprocess.run([sys.executable, "-W", "error", "-c", code], env={**env, "PYTHONPATH": str(REPO)},
                          capture_output=True, text=True, check=True).stdout.strip()
     assert out == "high True"
+
+
+# --- the memory budget and the save window (bench/memory.py, training/plan.py)
+
+def test_d20_fits_an_80gb_gpu_with_headroom_and_eager_says_what_fits(monkeypatch, capsys):
+    from bench.memory import budget, main
+
+    monkeypatch.chdir(REPO)  # presets/
+    row = budget("d20", 80, 0.10)
+    assert row["num_params"] == 560_988_160 and row["compiled"] and row["fits"] and row["free_fraction"] >= 0.10
+    # the parts: fp32 weights and gradients, Muon + AdamW state, one micro-batch, the chunked eval
+    assert row["weights"] == row["gradients"] == 4 * row["num_params"]
+    assert row["eval_transient"] < 6 * 2**30 and row["activations"] < 56 * 2**30
+    assert not row["eager_fits"] and row["eager_largest_fitting_batch"] == 16  # 16 x 2048 x 8 x 2 = 524,288
+    assert main(["--preset", "d20", "--gpu-mem", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "eval transient" in out and "fits, 20% free" in out and "device_batch_size 16 does" in out
+
+
+def test_the_unchunked_head_would_not_fit_d20():
+    # why CUDA training chunks the loss: compiled with whole-batch logits d20 at batch 32 needs
+    # ~84 GiB, what nanochat's issue #443 saw (72.5 GiB in use when an 8 GiB buffer failed)
+    import torch
+
+    from nanoforge.config import TrainConfig
+    from nanoforge.model.gpt import GPT, config_for_depth
+    from nanoforge.training.plan import estimate_memory
+
+    cfg = TrainConfig(depth=20, max_seq_len=2048, device_batch_size=32, total_batch_size=524_288, nproc_per_node=8)
+    model_config = config_for_depth(20, 65_536, 2048)
+    with torch.device("meta"):
+        n = GPT(model_config).num_params()
+    whole = estimate_memory(cfg, model_config, n, compiled=True, cuda=False)["total"]
+    chunked = estimate_memory(cfg, model_config, n, compiled=True, cuda=True)["total"]
+    assert whole > 80 * 2**30 > 0.9 * 80 * 2**30 > chunked
+
+
+def test_eager_out_of_memory_names_the_batch_that_fits(monkeypatch):
+    import torch
+
+    from nanoforge.config import ConfigError, TrainConfig
+    from nanoforge.model.gpt import GPT, config_for_depth
+    from nanoforge.training import plan
+
+    monkeypatch.setenv("NANOFORGE_VISIBLE_GPUS", "1")
+    monkeypatch.setattr(plan, "available_memory", lambda _device: (80 * 2**30, "free on cuda:0"))
+    cfg = TrainConfig(depth=20, max_seq_len=2048, device_batch_size=32, total_batch_size=524_288, nproc_per_node=8,
+                      compile="off")
+    model_config = config_for_depth(20, 65_536, 2048)
+    with torch.device("meta"):
+        n = GPT(model_config).num_params()
+    with pytest.raises(ConfigError, match=r"of eager activations .* train\.device_batch_size=16 fits; or "
+                                          r"train\.compile=on: compiled it needs about 63\.8 GiB"):
+        plan.check_memory(cfg, model_config, n)
+    assert plan.check_memory(cfg.model_copy(update={"compile": "auto"}), model_config, n)["compiled"]
+
+
+def test_a_save_longer_than_the_grace_window_is_said_at_start(tmp_path, monkeypatch, capfd):
+    from types import SimpleNamespace
+
+    from nanoforge.model.gpt import config_for_depth
+    from nanoforge.training import plan
+
+    assert plan.disk_write_speed(tmp_path / "not" / "yet", nbytes=4 * 2**20) > 0
+    assert list(tmp_path.iterdir()) == []  # the probe is gone
+    assert plan.save_warning(5 * 10**9, 1e9, 30, tmp_path) is None
+    msg = plan.save_warning(5 * 10**9, 1e8, 30, tmp_path)
+    assert "about 50 s to write at 100 MB/s" in msg and "torchrun's 30 s before SIGKILL" in msg
+    assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=130 dvc repro" in msg and "--shutdown-timeout" in msg
+    d20 = SimpleNamespace(model_config=config_for_depth(20, 65_536, 2048), num_params=560_988_160,
+                          dirs=SimpleNamespace(checkpoints=tmp_path / "checkpoints"), save_estimate={})
+    assert 5.1e9 < plan.checkpoint_bytes(d20.model_config, d20.num_params) < 5.2e9  # what bench.memory wrote
+    monkeypatch.setattr(plan, "PROBE_BYTES", 2**20)
+    monkeypatch.setenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "0.001")
+    capfd.readouterr()
+    plan.check_save_time(d20)
+    assert d20.save_estimate["grace_seconds"] == 0.001
+    lines = capfd.readouterr().err.splitlines()
+    assert len(lines) == 1 and "WARNING a SIGTERM may lose work: a checkpoint is 5.2 GB" in lines[0]
+    monkeypatch.setenv("RANK", "1")  # from rank 0 only
+    plan.check_save_time(d20)
+    assert capfd.readouterr().err == ""

@@ -1,10 +1,13 @@
 """Planning the train stage: every check, before any work.
 
-`plan_run` validates the params, the batch arithmetic at the real world size, the
-manifest and shards, the tokenizer, `--init-from`, whether the model fits in the
-device's memory, and decides whether the checkpoint in artifacts/checkpoints resumes
-this run. It reads files and builds the model on the meta device (no memory); it writes
-nothing, so a refusal leaves everything as it was.
+`plan_run` validates the params, the processes per node against the GPUs, the batch
+arithmetic at the real world size, the manifest and shards, the tokenizer, `--init-from`,
+whether the model fits in the device's memory (`estimate_memory`, also behind
+`python -m bench.memory`), and decides whether the checkpoint in artifacts/checkpoints
+resumes this run. It reads files and builds the model on the meta device (no memory); it
+writes nothing (for checkpoints over 1 GiB, rank 0 times a 256 MiB write beside them and
+deletes it, to warn when a save would outlast torchrun's SIGTERM-to-SIGKILL window), so a
+refusal leaves everything as it was.
 
 A params change is a new run: the latest checkpoint resumes only when its compat key
 (the math: model shape, batch, schedule, seed, horizon, tokenizer, shards) matches;
@@ -89,6 +92,7 @@ class Plan:
     resume_from: Path | None = None
     init_from: Path | None = None
     init_weights: dict | None = None  # read before old checkpoints are archived (the path may move)
+    save_estimate: dict = field(default_factory=dict)  # checkpoint size and write time (large models)
 
 
 def resolve_horizon(cfg: TrainConfig, num_params: int, flops_per_token: int) -> tuple[int, str]:
@@ -170,6 +174,7 @@ def plan_run(cfg: TrainConfig, world_size: int, resume_mode: str, init_from: str
         else:
             plan.resume_from = latest
             plan.init_from = Path(meta["init_from"]) if meta.get("init_from") else None  # lineage, not reloaded
+    check_save_time(plan)
     return plan
 
 
@@ -182,20 +187,86 @@ def restart_message(plan: Plan, moved: Path | None) -> str:
 # ---------------------------------------------------------------------------
 # memory: refuse a model that cannot fit before the allocator finds out
 
-def estimate_memory(cfg: TrainConfig, model_config, num_params: int) -> dict:
-    """A rough lower estimate in bytes of what one rank needs for training.
+# Bytes one token keeps for backward per layer and unit of width, bf16 autocast. Eager: 48,
+# measured on CPU with saved-tensor hooks (q/k/v, rotary and norm temporaries, the 4x MLP
+# hidden three times); fp32 runs keep 1.5x that. Compiled (inductor fuses and recomputes the
+# elementwise chains): 32, which with the head below puts d20 at device batch 32 at ~80 GiB,
+# as nanochat's issue #443 saw on an 80 GB H100 (72.5 GiB in use when an 8 GiB buffer failed).
+BLOCK_BYTES_PER_WIDTH = {"eager": 48, "compiled": 32}
+# Bytes a token needs for the LM head's logits at the peak of backward, per vocabulary entry,
+# when the whole batch's logits exist at once (CPU training): eager keeps the tanh output and
+# the log-softmax in fp32 and holds two fp32 gradients at once (16); compiled, the bf16 logits
+# and one fp32 gradient (6). On CUDA the loss runs in checkpointed chunks (model/gpt.py): one
+# chunk's worth at the eager rate, whatever the batch.
+HEAD_BYTES_PER_VOCAB = {"eager": 16, "compiled": 6}
+# no-grad forward (BPB): one layer's temporaries a token (about 32 bytes per width) over the
+# fp32 hidden state, and the chunked head: a chunk's bf16 and fp32 logits and log-softmax
+EVAL_BYTES_PER_WIDTH = 32
+EVAL_HEAD_BYTES_PER_VOCAB = 10
 
-    fp32 weights and gradients (4 + 4 bytes a parameter) and optimizer state (AdamW's two
-    moments, Muon's one momentum: at most 8 bytes); activations kept for backward, about
-    16 values a token per layer and width (compile fuses the elementwise ops), plus the
-    fp32 logits and their gradient for one micro-batch.
+
+def uses_compile(cfg: TrainConfig, device_type: str) -> bool:
+    """What the loop will do (training/loop.py): compile on, or auto on CUDA."""
+    return cfg.compile == "on" or (cfg.compile == "auto" and device_type == "cuda")
+
+
+def estimate_memory(cfg: TrainConfig, model_config, num_params: int, compiled: bool | None = None,
+                    device_batch_size: int | None = None, cuda: bool | None = None) -> dict:
+    """Bytes one rank needs to train, by part; `total` is the peak: state + the larger of a
+    training micro-step and an in-training val BPB pass (they never overlap).
+
+    - weights and gradients fp32 (4 + 4 bytes a parameter; DDP's buckets are the gradients);
+    - optimizer state: Muon's momentum (4 bytes a block matrix entry), AdamW's two moments for
+      the embedding and LM head (8), and Muon's step transient (its largest same-shape stack:
+      an fp32 update and bf16 Newton-Schulz copies, ~12 bytes an entry);
+    - activations of one micro-batch (BLOCK_BYTES_PER_WIDTH, HEAD_BYTES_PER_VOCAB);
+    - the eval transient: the hidden states plus one chunk of the head.
+    `cuda` and `compiled` None: decided from cfg.device and cfg.compile as the loop decides them.
     """
-    act_bytes = 4 if cfg.dtype == "float32" else 2
-    tokens = cfg.device_batch_size * cfg.max_seq_len
+    from nanoforge.model.gpt import LOSS_CHUNK_BYTES
+
+    cuda = _cuda_planned(cfg.device) if cuda is None else cuda
+    compiled = uses_compile(cfg, "cuda" if cuda else "cpu") if compiled is None else compiled
+    mode = "compiled" if compiled else "eager"
+    batch = device_batch_size or cfg.device_batch_size
+    tokens = batch * cfg.max_seq_len
     n_layer, width, vocab = model_config.n_layer, model_config.n_embd, model_config.vocab_size
-    state = 16 * num_params
-    activations = tokens * (16 * n_layer * width * act_bytes + 2 * 4 * vocab)
-    return {"weights_grads_optimizer": state, "activations": activations, "total": state + activations}
+    embedding = lm_head = model_config.padded_vocab_size * width
+    matrices = num_params - embedding - lm_head
+    largest_stack = 2 * n_layer * 4 * width * width  # the MLP's c_fc and c_proj share a shape
+    chunk = min(tokens, max(1, LOSS_CHUNK_BYTES // (4 * vocab)))
+    block = BLOCK_BYTES_PER_WIDTH[mode] * (1.5 if cfg.dtype == "float32" else 1) * n_layer * width * tokens
+    head = HEAD_BYTES_PER_VOCAB["eager"] * vocab * chunk if cuda else HEAD_BYTES_PER_VOCAB[mode] * vocab * tokens
+    parts = {
+        "weights": 4 * num_params,
+        "gradients": 4 * num_params,
+        "optimizer": 4 * matrices + 8 * (embedding + lm_head) + 12 * largest_stack,
+        "activations": int(block + head),
+        "eval_transient": tokens * (4 + EVAL_BYTES_PER_WIDTH) * width + EVAL_HEAD_BYTES_PER_VOCAB * vocab * chunk,
+    }
+    state = parts["weights"] + parts["gradients"] + parts["optimizer"]
+    return {**parts, "weights_grads_optimizer": state, "compiled": compiled, "cuda": cuda, "device_batch_size": batch,
+            "total": state + max(parts["activations"], parts["eval_transient"])}
+
+
+def _cuda_planned(device_name: str) -> bool:
+    if device_name in ("cpu", "mps"):
+        return False
+    from nanoforge.gpus import visible_gpus
+
+    return device_name == "cuda" or visible_gpus() > 0
+
+
+def largest_fitting_batch(cfg: TrainConfig, model_config, num_params: int, budget: int, compiled: bool,
+                          cuda: bool | None = None) -> int:
+    """The largest device batch up to the configured one that splits train.total_batch_size evenly
+    (at train.nproc_per_node) and whose estimate fits `budget` (0: none)."""
+    for batch in range(cfg.device_batch_size, 0, -1):
+        if cfg.total_batch_size % (batch * cfg.max_seq_len * cfg.nproc_per_node):
+            continue
+        if estimate_memory(cfg, model_config, num_params, compiled, batch, cuda)["total"] <= budget:
+            return batch
+    return 0
 
 
 def available_memory(device_name: str) -> tuple[int | None, str]:
@@ -224,15 +295,96 @@ def check_memory(cfg: TrainConfig, model_config, num_params: int) -> dict:
     need["available"] = have
     if have is not None and need["total"] > have:
         gib = lambda b: f"{b / 2**30:,.1f} GiB"  # noqa: E731
+        fits = largest_fitting_batch(cfg, model_config, num_params, have, need["compiled"])
+        hint = f"; train.device_batch_size={fits} fits" if fits else ""
+        if not need["compiled"]:
+            with_compile = estimate_memory(cfg, model_config, num_params, compiled=True)["total"]
+            if with_compile <= have:
+                hint += (f"; or train.compile=on: compiled it needs about {gib(with_compile)} (eager keeps "
+                         "about 1.5x the activations and 2.7x the logits for backward)")
         raise ConfigError(
             f"train.depth={cfg.depth} ({num_params:,} params) needs about {gib(need['total'])} per rank: "
             f"{gib(need['weights_grads_optimizer'])} for weights, gradients and optimizer state, "
-            f"{gib(need['activations'])} of activations for train.device_batch_size={cfg.device_batch_size} x "
+            f"{gib(need['activations'])} of {'compiled' if need['compiled'] else 'eager'} activations for "
+            f"train.device_batch_size={cfg.device_batch_size} x "
             f"train.max_seq_len={cfg.max_seq_len}; this device has {gib(have)} {where}. "
             "Lower train.depth (the weights) or train.device_batch_size (the activations; the total batch stays, "
-            "more accumulation steps make it up)"
+            f"more accumulation steps make it up){hint}"
         )
     return need
+
+
+# ---------------------------------------------------------------------------
+# preemption: torchrun SIGKILLs its workers a grace window after SIGTERM
+
+SHUTDOWN_TIMEOUT_ENV = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"  # torchrun --shutdown-timeout reads it (default 30 s)
+PROBE_BYTES = 256 * 2**20
+PROBE_ABOVE = 2**30  # smaller checkpoints take a second or two anywhere: no probe
+
+
+def checkpoint_bytes(model_config, num_params: int) -> int:
+    """The size of one checkpoint: fp32 weights, Muon's momentum, AdamW's two moments."""
+    embedding = lm_head = model_config.padded_vocab_size * model_config.n_embd
+    matrices = num_params - embedding - lm_head
+    return 4 * num_params + 4 * matrices + 8 * (embedding + lm_head)
+
+
+def grace_seconds() -> float:
+    """Seconds between torchrun's SIGTERM and its SIGKILL."""
+    try:
+        return float(os.environ.get(SHUTDOWN_TIMEOUT_ENV) or 30)
+    except ValueError:
+        return 30.0
+
+
+def disk_write_speed(directory: Path, nbytes: int = PROBE_BYTES) -> float:
+    """Bytes/s of a write of `nbytes` to `directory`'s disk, fsync included (the sustained rate,
+    not the page cache's); the probe file is removed."""
+    import tempfile
+    import time
+
+    directory = Path(directory)
+    while not directory.exists():  # the checkpoint folder may not exist yet: its nearest parent
+        directory = directory.parent
+    block = os.urandom(2**20)
+    fd, name = tempfile.mkstemp(prefix=".nanoforge-probe.", dir=directory)
+    try:
+        t0 = time.perf_counter()
+        for _ in range(max(1, nbytes // len(block))):
+            os.write(fd, block)
+        os.fsync(fd)
+        return nbytes / max(time.perf_counter() - t0, 1e-9)
+    finally:
+        os.close(fd)
+        os.unlink(name)
+
+
+def save_warning(size: int, speed: float, window: float, where: Path) -> str | None:
+    """One line when writing a checkpoint of `size` bytes at `speed` would outlast the grace window."""
+    seconds = size / speed
+    if seconds <= window:
+        return None
+    return (f"a SIGTERM may lose work: a checkpoint is {size / 1e9:.1f} GB, about {seconds:.0f} s to write at "
+            f"{speed / 1e6:.0f} MB/s (measured in {where}) after the step in flight, longer than torchrun's "
+            f"{window:.0f} s before SIGKILL. "
+            f"Raise the window ({SHUTDOWN_TIMEOUT_ENV}={int(seconds * 2 + 30)} dvc repro, or torchrun "
+            "--shutdown-timeout), or put artifacts/checkpoints on a faster disk; the last train.save_every "
+            "checkpoint is what a kill keeps")
+
+
+def check_save_time(plan: Plan) -> None:
+    """Rank 0, at start: estimate the save against the grace window and warn in one line."""
+    size = checkpoint_bytes(plan.model_config, plan.num_params)
+    if int(os.environ.get("RANK", "0")) != 0 or size < PROBE_ABOVE:
+        return
+    speed = disk_write_speed(plan.dirs.checkpoints)
+    plan.save_estimate = {"bytes": size, "write_bytes_per_s": speed, "seconds": size / speed,
+                          "grace_seconds": grace_seconds()}
+    message = save_warning(size, speed, grace_seconds(), plan.dirs.checkpoints)
+    if message:
+        from nanoforge.common import get_logger
+
+        get_logger("train").warning("%s", message)
 
 
 def describe(plan: Plan, runtime) -> str:

@@ -8,6 +8,8 @@ Notable:
   where bf16 autocast measured about 2x faster than float32 for our models;
   float32 elsewhere.
 - A plain `python -m stages.x` is rank 0 of 1 and needs no process group.
+- torch's threads follow `nanoforge.cpus.thread_plan`: the affinity mask and the
+  cgroup quota, split among the local ranks, less what other processes keep busy.
 - On CUDA: TF32 for fp32 matmuls, and the allocator's expandable segments (set on
   import, before CUDA allocates, unless PYTORCH_CUDA_ALLOC_CONF is already set).
 - `peak_flops()` for MFU: a table of known GPUs (dense bf16), and on a CPU a short
@@ -44,6 +46,7 @@ class Runtime:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    threads: object = None  # nanoforge.cpus.ThreadPlan that init_runtime applied: torch and loader threads
 
     @property
     def distributed(self) -> bool:
@@ -137,7 +140,11 @@ def init_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
             dist.init_process_group(backend=backend, device_id=dev)
         else:
             dist.init_process_group(backend=backend)
-    return Runtime(device=dev, dtype=pick_dtype(dtype, dev), rank=rank, local_rank=local_rank, world_size=world_size)
+    from nanoforge.cpus import apply_thread_plan, thread_plan
+
+    threads = apply_thread_plan(thread_plan(dev.type))  # from the CPUs this process may use, not os.cpu_count()
+    return Runtime(device=dev, dtype=pick_dtype(dtype, dev), rank=rank, local_rank=local_rank, world_size=world_size,
+                   threads=threads)
 
 
 # --- peak FLOP/s, for MFU

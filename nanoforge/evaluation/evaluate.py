@@ -79,6 +79,8 @@ def run_evaluation(cfg, inputs: dict, runtime, log) -> dict:
     from nanoforge.model.sampling import generate, model_context
 
     t_start = time.perf_counter()
+    if runtime.is_main and runtime.threads is not None:  # torch's threads, set by init_runtime (nanoforge/cpus.py)
+        log.info("%s", runtime.threads.describe())
     tokenizer = inputs["tokenizer"]
     model, meta = load_model(MODEL_DIR, runtime.device)
     model.eval()

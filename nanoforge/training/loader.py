@@ -14,7 +14,9 @@ Notable:
   tiktoken runs in threads without the GIL), in exchange for a position that is
   one small dict, identical on every rank.
 - A background thread reads and tokenizes ahead (`prefetch` steps), so the
-  training loop never waits on parquet or the tokenizer.
+  training loop never waits on parquet or the tokenizer. Its tokenizer threads
+  default to `nanoforge.cpus.loader_threads` (1 on CPU, where the compute threads
+  own the cores; up to 4 beside a GPU), never more than the CPUs this process may use.
 - The position (epoch, row group, document, token offset) at the start of each
   step travels with its batches; a checkpoint stores it and resume re-reads just
   that one row group.
@@ -34,6 +36,7 @@ import pyarrow.parquet as pq
 import torch
 
 from nanoforge.config import TrainConfig
+from nanoforge.cpus import loader_threads, usable_cpus
 
 TOKENIZE_CHUNK = 128  # documents per tokenizer call
 
@@ -46,12 +49,13 @@ class TokenStream:
     """The global token stream, as rows of T+1 tokens, with an exact resumable position."""
 
     def __init__(self, paths: Sequence[Path], tokenizer, seq_len: int, seed: int = 0,
-                 state: dict | None = None, threads: int = 4):
+                 state: dict | None = None, threads: int | None = None):
         self.paths = [Path(p) for p in paths]
         self.tokenizer = tokenizer
         self.seq_len = seq_len
         self.seed = seed
-        self.threads = threads
+        # more tokenizer threads than usable CPUs only preempt the compute threads (a cgroup quota included)
+        self.threads = max(1, min(loader_threads("cpu") if threads is None else threads, usable_cpus()))
         self.groups = [(s, g) for s, p in enumerate(self.paths) for g in range(pq.ParquetFile(p).num_row_groups)]
         if not self.groups:
             raise ValueError(f"the training shards hold no row groups: {', '.join(map(str, self.paths))}")
@@ -168,12 +172,14 @@ class TrainLoader:
 
     def __init__(self, paths: Sequence[Path], tokenizer, seq_len: int, device_batch: int, total_batch: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, state: dict | None = None,
-                 device: torch.device | str = "cpu", threads: int = 4, prefetch: int = 2):
+                 device: torch.device | str = "cpu", threads: int | None = None, prefetch: int = 2):
         self.seq_len, self.device_batch = seq_len, device_batch
         self.accum = batch_geometry(total_batch, device_batch, seq_len, world_size)
         self.rows_per_step = total_batch // seq_len
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
+        if threads is None:
+            threads = loader_threads(self.device.type)
         self.stream = TokenStream(paths, tokenizer, seq_len, seed=seed, state=state, threads=threads)
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch) * self.accum)
         self._stop = threading.Event()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import resource
 import signal
 import time
@@ -149,6 +148,7 @@ def train(plan: Plan, runtime, run, stop: StopFlag) -> TrainResult:
 
     from nanoforge.evaluation.bpb import evaluate_bpb, rank_batches, shard_rows
     from nanoforge.model.gpt import build_model
+    from nanoforge.cpus import thread_plan
     from nanoforge.training.loader import TrainLoader
     from nanoforge.training.optim import build_optimizers, lr_multiplier, muon_momentum
     from nanoforge.runtime import peak_flops
@@ -185,9 +185,11 @@ def train(plan: Plan, runtime, run, stop: StopFlag) -> TrainResult:
         train_model = torch.compile(train_model, dynamic=False)
     eval_model = model
 
-    threads = max(1, min(8, (os.cpu_count() or 2) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+    threads = runtime.threads or thread_plan(device.type)  # the plan init_runtime applied to torch
+    if main:
+        log.info("%s", threads.describe())
     loader = TrainLoader(plan.train_paths, plan.tokenizer, cfg.max_seq_len, cfg.device_batch_size, cfg.total_batch_size,
-                         runtime.rank, plan.world_size, cfg.seed, loader_state, device, threads=threads)
+                         runtime.rank, plan.world_size, cfg.seed, loader_state, device, threads=threads.loader)
     val_rows = None
     if plan.val_path is not None:
         val_rows = shard_rows([plan.val_path], plan.tokenizer, cfg.max_seq_len, cfg.eval_tokens)

@@ -21,6 +21,7 @@ Notable:
   world size or device batch. The loop is nanochat's, in its order (training/loop.py).
 - SIGTERM or Ctrl-C: finish the step, save a checkpoint, exit 143. A NaN/inf loss or
   gradient stops at once, keeps the last good checkpoint and fails the MLflow run.
+- One `error:` line naming the file and the fix: a damaged checkpoint (2), a full disk (1).
 - Writes artifacts/model/, artifacts/train/{metrics.json, steps.csv, val.csv} (outputs.py).
 """
 
@@ -33,8 +34,7 @@ from nanoforge.common import get_logger
 from nanoforge.config import ConfigError, load_params, resolve, stage_parser
 from nanoforge.data.shards import ShardError
 from nanoforge.tokenizer.bpe import TokenizerError
-from nanoforge.training.checkpoint import CheckpointError
-from nanoforge.training.checkpoint import latest_checkpoint
+from nanoforge.training.checkpoint import CheckpointError, CheckpointWriteError, check_start, latest_checkpoint
 from nanoforge.training.lock import OutputsLocked, RunLock
 from nanoforge.training.plan import INIT_ENV, RESUME_ENV, describe, plan_run, run_dirs
 
@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         lock = RunLock(plan.dirs.checkpoints).acquire() if rank0 else None  # held until this process exits
         if latest_checkpoint(plan.dirs.checkpoints) != plan.latest:  # another run finished while we planned
             plan = plan_run(cfg, world_size, resume_mode, init_from, plan.dirs)
+        check_start(plan.resume_from, plan.init_from)  # a damaged file to start from fails now, not mid-run
     except (ConfigError, ShardError, TokenizerError, CheckpointError, OutputsLocked, ValueError) as exc:
         if rank0:
             print(f"error: {exc}", file=sys.stderr)
@@ -97,10 +98,10 @@ def main(argv: list[str] | None = None) -> int:
             if runtime.is_main:
                 print(f"stopped: {exc}", file=sys.stderr)
             return PREEMPTED_EXIT
-        except NonFiniteLoss as exc:
+        except (CheckpointError, NonFiniteLoss, CheckpointWriteError) as exc:  # state.pt refused: 2; NaN, full disk: 1
             if runtime.is_main:
                 print(f"error: {exc}", file=sys.stderr)
-            return 1
+            return 2 if isinstance(exc, CheckpointError) else 1
     finally:
         stop.restore()
         shutdown(runtime)

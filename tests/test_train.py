@@ -398,3 +398,64 @@ def test_one_run_at_a_time_and_a_one_off_never_writes_the_pipelines_checkpoints(
     assert holder.returncode == 143
     (saved,) = list_checkpoints(root / "artifacts/checkpoints")
     assert load_model(saved)[1]["model"]["n_layer"] == 1
+
+
+def test_checkpoints_are_no_dvc_output_and_both_tools_ignore_them():
+    # issue 18.5: a persist, cache: false output is still hashed for dvc.lock after every run (minutes at d20)
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    outs = [next(iter(o)) if isinstance(o, dict) else o for stage in spec["stages"].values()
+            for key in ("outs", "metrics", "plots") for o in stage.get(key, [])]
+    assert not [o for o in outs if o.startswith("artifacts/checkpoints")], outs
+    assert "artifacts/model" in outs  # the train stage still declares what it hands on
+    for path in ("artifacts/checkpoints/step_000010/state.pt", "artifacts/checkpoints-archive/x/step_000010/meta.json"):
+        ignored = subprocess.run([tool("dvc"), "check-ignore", path], cwd=REPO, capture_output=True, text=True,
+                                 env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+        assert ignored.returncode == 0, (path, ignored.stdout, ignored.stderr)
+        assert subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0, path
+
+
+def test_a_damaged_checkpoint_or_init_from_is_one_line_and_a_pickle_never_runs(clean, template, tmp_path):
+    # issue 18.9: an UnpicklingError quoting "re-run with weights_only=False"; SafetensorError tracebacks
+    from tests.test_checkpoint import Payload
+
+    root = clone(template, tmp_path / "w")
+    ckpt = root / "artifacts/checkpoints/step_000015"
+    shutil.copytree(clean / "artifacts/checkpoints/step_000015", ckpt)
+    marker = tmp_path / "pwned"
+    torch.save({"optimizers": [], "rng": Payload(marker)}, ckpt / "state.pt")
+    proc = run_train(root, check=False, NANOFORGE_TRACKING="off")
+    assert proc.returncode == 2 and not marker.exists(), proc.stderr[-2000:]
+    (line,) = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+    assert line.startswith("error: artifacts/checkpoints/step_000015/state.pt: refused") and "NANOFORGE_RESUME=fresh" in line
+    assert "Traceback" not in proc.stderr and "weights_only" not in proc.stderr
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated: caught from the header, before any work
+    proc = run_train(root, check=False, NANOFORGE_TRACKING="off")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert ("error: artifacts/checkpoints/step_000015/model.safetensors: damaged or not a safetensors file "
+            "(SafetensorError: ") in proc.stderr and "move artifacts/checkpoints/step_000015 out of" in proc.stderr
+    assert "initialising" not in proc.stderr and not (root / "artifacts/train").exists()
+    proc = run_train(root, "--fresh", "--init-from", str(ckpt), check=False, NANOFORGE_TRACKING="off")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "model.safetensors: damaged or not a safetensors file" in proc.stderr and "--init-from" in proc.stderr
+    assert ckpt.exists()  # refused before anything was archived
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_last_one(template, tmp_path):
+    # issue 18.9: `RuntimeError: [enforce fail at inline_container.cc:672] unexpected pos ...`, no word of disk space
+    from tests.test_checkpoint import tmpfs
+
+    root = clone(template, tmp_path / "w")
+    write_params(root, save_every=5, keep_checkpoints=10, eval_every=0, sample_every=0)
+    with tmpfs(tmp_path / "disk", "2m") as disk:  # one or two tiny checkpoints fit (under 1 MiB each), not all six
+        (root / "artifacts").mkdir(exist_ok=True)
+        (root / "artifacts/checkpoints").symlink_to(disk)
+        proc = run_train(root, check=False, NANOFORGE_TRACKING="off")
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and "inline_container" not in proc.stderr
+        (line,) = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+        assert re.match(r"error: could not write the checkpoint artifacts/checkpoints/step_0000\d\d: the disk is full "
+                        r"\([\d,]+ MiB free on artifacts/checkpoints\); the previous checkpoint is intact", line), line
+        saved = list_checkpoints(disk)
+        assert saved and not [p for p in disk.iterdir() if p.name.startswith(".step_")]
+        load_model(saved[-1])  # the last one written is whole

@@ -11,20 +11,31 @@ Notable:
   and horizon); `compat_diff` names what changed. Knobs that do not change the
   math (device batch, world size, eval cadence, ...) may change across a resume.
 - Starting fresh never deletes: old checkpoints move to `<root>-archive/<timestamp>/`, beside
-  the checkpoint folder rather than in it, so DVC (which hashes that folder) never reads them.
+  the checkpoint folder rather than in it. Neither folder is a DVC output (dvc.yaml): DVC
+  neither hashes gigabytes of checkpoints after every run nor removes them before one.
 - The final model is `artifacts/model/{model.safetensors, config.json}`;
   `load_model(dir, device)` reads it (or any checkpoint folder) back.
+- state.pt is read onto the CPU whatever the device: the RNG states must be CPU
+  ByteTensors, and each optimizer moves its state to its parameters' device itself.
+- Refusals are one line naming the file and what to do: a pickle payload in state.pt
+  (refused by weights_only=True, never run; PyTorch's advice to lift that is not
+  repeated), damaged safetensors, and a full disk while saving (CheckpointWriteError,
+  with the free space; the previous checkpoint is intact).
 """
 
 from __future__ import annotations
 
+import errno
+import contextlib
 import json
 import os
+import pickle
 import shutil
 import time
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from nanoforge.common import MODEL_DIR, atomic_dir, read_json, write_json
@@ -40,6 +51,19 @@ PREFIX = "step_"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, damaged, or from a different run config."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint or the final model could not be written (a full disk, most often)."""
+
+    def __str__(self) -> str:  # the sentence, without OSError's "[Errno 28]"
+        return self.strerror or super().__str__()
+
+
+def resume_hint(folder: Path) -> str:
+    """What to do about a checkpoint that cannot be read."""
+    return (f"move {folder} out of {folder.parent} to resume from the checkpoint before it, "
+            "or start over with NANOFORGE_RESUME=fresh")
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -80,11 +104,61 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
 
 
+_DISK_FULL = ("unexpected pos", "No space left", "file write failed", "Disk quota")
+
+
+@contextlib.contextmanager
+def _writing(target: Path, what: str, then: str):
+    """Turn a failed write into one CheckpointWriteError line naming the folder, the disk's free space and `then`.
+
+    A full disk shows up as OSError(ENOSPC) from plain writes, but as
+    `RuntimeError: [enforce fail at inline_container.cc] unexpected pos` from torch.save
+    and as a SafetensorError from save_file: neither says "disk".
+    """
+    try:
+        yield
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        parent = next((p for p in (target, *target.parents) if p.exists()), Path("."))
+        free = shutil.disk_usage(parent).free
+        full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(t in str(exc) for t in _DISK_FULL)
+        reason = "the disk is full" if full else f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        raise CheckpointWriteError(
+            errno.ENOSPC if full else errno.EIO,
+            f"could not write the {what} {target}: {reason} ({free / 2**20:,.0f} MiB free on {parent}); {then}",
+        ) from None
+
+
+def check_weights(file: str | Path, hint: str) -> None:
+    """Read a safetensors header (not the tensors): a truncated or damaged file is refused naming `hint`."""
+    file = Path(file)
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            list(f.keys())
+    except Exception as exc:
+        raise CheckpointError(f"{file}: {_damaged(exc)}; {hint}") from None
+
+
+def check_start(resume_from: Path | None, init_from: Path | None) -> None:
+    """The weights a run starts from have a readable header: a truncated or damaged file is refused before any work."""
+    if resume_from is not None:
+        check_weights(resume_from / WEIGHTS, resume_hint(resume_from))
+    elif init_from is not None:
+        check_weights(init_from / WEIGHTS, "point --init-from (NANOFORGE_INIT_FROM) at another checkpoint or model folder")
+
+
+def _damaged(exc: BaseException, kind: str = "a safetensors file") -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "missing"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"damaged or not {kind} ({type(exc).__name__}: {text})"
+
+
 def save_checkpoint(root: str | Path, step: int, model, optimizers, meta: dict, history: dict, keep: int) -> Path:
     """Write checkpoint `step` atomically (rank 0 only), then keep the newest `keep`."""
     root = Path(root)
     target = step_dir(root, step)
-    with atomic_dir(target) as tmp:
+    with _writing(target, "checkpoint", "the previous checkpoint is intact; lower train.keep_checkpoints or free space, "
+                  "then run the same command to resume"), atomic_dir(target) as tmp:
         save_file(_weights(model), str(tmp / WEIGHTS))
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -106,12 +180,17 @@ def read_meta(path: str | Path) -> dict:
 
 
 def load_checkpoint(path: str | Path, model, optimizers=None, device: torch.device | str = "cpu") -> tuple[dict, dict]:
-    """Load weights (and optimizer + RNG state when `optimizers` is given) in place; return (meta, history)."""
+    """Load weights (and optimizer + RNG state when `optimizers` is given) in place; return (meta, history).
+
+    `device` is where the model lives; nothing is mapped there on load (see read_state).
+    """
     path = Path(path)
     meta = read_meta(path)
-    load_weights(path / WEIGHTS, model)
+    load_weights(path / WEIGHTS, model, resume_hint(path))
     if optimizers is not None:
-        state = torch.load(path / STATE, map_location=device, weights_only=True)
+        # onto the CPU, not `device`: set_rng_state takes only a CPU ByteTensor (issue 12.1), and
+        # Optimizer.load_state_dict moves each state tensor to its parameter's device anyway
+        state = read_state(path / STATE)
         if len(state["optimizers"]) != len(optimizers):
             raise CheckpointError(f"{path}: holds {len(state['optimizers'])} optimizer states, expected {len(optimizers)}")
         for opt, sd in zip(optimizers, state["optimizers"]):
@@ -123,12 +202,30 @@ def load_checkpoint(path: str | Path, model, optimizers=None, device: torch.devi
     return meta, history
 
 
-def load_weights(file: Path, model) -> None:
+def read_state(file: Path) -> dict:
+    """state.pt on the CPU, tensors and plain containers only (weights_only=True): a pickle payload never runs."""
+    hint = resume_hint(file.parent)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # PyTorch's own message advises weights_only=False, which would run the payload: not repeated here
+        raise CheckpointError(
+            f"{file}: refused, it holds Python objects a weights-only load does not allow (a pickle that could run "
+            f"code; nothing in it was run). Do not load it another way; {hint}"
+        ) from None
+    except Exception as exc:  # missing, truncated, not a torch file
+        raise CheckpointError(f"{file}: {_damaged(exc, 'a torch file')}; {hint}") from None
+    if not isinstance(state, dict) or not {"optimizers", "rng"} <= set(state):
+        raise CheckpointError(f"{file}: not a checkpoint state (no optimizers/rng entries); {hint}")
+    return state
+
+
+def load_weights(file: Path, model, hint: str = "write it again (re-run the stage that made it)") -> None:
     model = getattr(model, "_orig_mod", model)
     try:
         weights = load_file(str(file))
     except Exception as exc:
-        raise CheckpointError(f"{file}: unreadable weights ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"{file}: {_damaged(exc)}; {hint}") from None
     expected = model.state_dict()
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
@@ -187,7 +284,8 @@ def archive_checkpoints(root: str | Path) -> Path | None:
 def save_model(model, summary: dict, directory: str | Path = MODEL_DIR) -> Path:
     """artifacts/model/{model.safetensors, config.json}, replaced as a whole."""
     raw = getattr(model, "_orig_mod", model)
-    with atomic_dir(directory) as tmp:
+    with _writing(Path(directory), "final model", "free space, then run the same command: training resumes from its last "
+                  "checkpoint"), atomic_dir(directory) as tmp:
         save_file(_weights(raw), str(tmp / WEIGHTS))
         write_json(tmp / CONFIG, {"model": raw.config.to_dict(), "train": summary})
     return Path(directory)
@@ -206,6 +304,8 @@ def load_model(directory: str | Path = MODEL_DIR, device: torch.device | str = "
         raise CheckpointError(f"{directory}: {WEIGHTS} is missing")
     config = GPTConfig(**meta["model"])
     model = build_model(config, device)
-    load_weights(directory / WEIGHTS, model)
+    hint = (resume_hint(directory) if (directory / META).exists() else
+            "train it again (dvc repro -f train) or restore it from the DVC cache (dvc checkout artifacts/model)")
+    load_weights(directory / WEIGHTS, model, hint)
     model.eval()
     return model, meta

@@ -9,8 +9,10 @@ Notable:
   works anywhere with the dependencies installed. Requirements are pinned from
   this environment instead of inferred (inference loads the model in a subprocess).
 - Registers a new version of `pipeline.registered_model` each time the model or its
-  scores change (DVC re-runs this stage exactly then), tagged with val BPB, CORE,
-  the git commit and the data hashes.
+  scores change (DVC re-runs this stage exactly then), tagged with val BPB and the
+  tokens it was measured over (the evaluate stage's figure only, never the training
+  loop's), CORE, the git commit, the data hashes and the model's DVC hash
+  (`model_md5`, so a check can tell when the champion is the model at hand).
 - Moves the `champion` alias only when val BPB (the primary metric; lower is better)
   beats the current champion's; CORE breaks an exact tie. A non-finite val BPB is
   never promoted. The decision and both numbers go into the MLflow run and into
@@ -93,11 +95,17 @@ def decide(candidate: dict, champion: dict | None) -> tuple[bool, str]:
     best = champion.get("val_bpb")
     if best is None or not math.isfinite(best):
         return True, f"champion v{champion.get('version')} has no finite val BPB"
+    tokens, theirs = candidate.get("val_bpb_tokens"), champion.get("val_bpb_tokens")
+    if tokens is not None and theirs is not None and float(tokens) != float(theirs):
+        # not the same measurement: say so rather than pretend the numbers compare
+        bpb_note = f" (over {int(float(tokens)):,} tokens vs the champion's {int(float(theirs)):,})"
+    else:
+        bpb_note = ""
     if bpb < best:
-        return True, f"val BPB {bpb:.4f} < champion v{champion['version']}'s {best:.4f}"
+        return True, f"val BPB {bpb:.4f} < champion v{champion['version']}'s {best:.4f}{bpb_note}"
     if bpb == best and (candidate.get("core") or -math.inf) > (champion.get("core") or -math.inf):
         return True, f"val BPB ties champion v{champion['version']} ({bpb:.4f}); CORE {candidate.get('core')} > {champion.get('core')}"
-    return False, f"val BPB {bpb:.4f} does not beat champion v{champion['version']}'s {best:.4f}"
+    return False, f"val BPB {bpb:.4f} does not beat champion v{champion['version']}'s {best:.4f}{bpb_note}"
 
 
 def _float(value: Any) -> float | None:
@@ -117,7 +125,8 @@ def champion(client, name: str) -> dict | None:
         return None
     tags = mv.tags or {}
     found = {"version": int(mv.version), "run_id": mv.run_id, "val_bpb": _float(tags.get("val_bpb")),
-             "core": _float(tags.get("core"))}
+             "val_bpb_tokens": _float(tags.get("val_bpb_tokens")), "core": _float(tags.get("core")),
+             "model_md5": tags.get("model_md5")}
     if found["val_bpb"] is None and mv.run_id:  # a version registered by hand: read its run
         metrics = client.get_run(mv.run_id).data.metrics
         found["val_bpb"] = metrics.get("candidate_val_bpb", metrics.get("val_bpb"))
@@ -147,8 +156,23 @@ def check_inputs() -> dict:
     if "val_bpb" not in scores:
         raise RegisterError(f"{metrics_file}: has no val_bpb; re-run evaluate (dvc repro -f evaluate)")
     train = read_json(TRAIN_DIR / "metrics.json") if (TRAIN_DIR / "metrics.json").exists() else {}
-    return {"val_bpb": _float(scores.get("val_bpb")), "core": _float(scores.get("core")),
-            "num_params": train.get("num_params"), "tokens_trained": train.get("tokens_trained")}
+    return {"val_bpb": _float(scores.get("val_bpb")), "val_bpb_tokens": scores.get("val_bpb_tokens"),
+            "core": _float(scores.get("core")), "num_params": train.get("num_params"),
+            "tokens_trained": train.get("tokens_trained")}
+
+
+def model_md5(root: str | Path = ".") -> str | None:
+    """The DVC hash of artifacts/model in dvc.lock (the train stage's output), or None before `dvc repro`."""
+    import yaml
+
+    try:
+        lock = yaml.safe_load((Path(root) / "dvc.lock").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    for out in ((lock.get("stages") or {}).get("train") or {}).get("outs") or []:
+        if str(out.get("path", "")).rstrip("/") == str(MODEL_DIR):
+            return out.get("md5") or out.get("hash")
+    return None
 
 
 def _requirements() -> list[str]:
@@ -188,7 +212,10 @@ def log_and_register(run, name: str, candidate: dict) -> tuple[str, Any]:
                 signature=signature,
             )
         tags = {k: str(v) for k, v in candidate.items() if v is not None}
-        tags.update({k: v for k, v in run_tags(run).items() if k in ("git_commit", "dvc.data_dvc_md5", "dvc.lock_sha256")})
+        logged = run_tags(run)
+        tags.update({k: v for k, v in logged.items() if k in ("git_commit", "dvc.data_dvc_md5", "dvc.lock_sha256")})
+        if logged.get(f"input.{MODEL_DIR}"):  # the model's DVC hash, as the register run recorded its input
+            tags["model_md5"] = logged[f"input.{MODEL_DIR}"]
         mv = mlflow.register_model(info.model_uri, name, tags=tags)
     return info.model_uri, mv
 

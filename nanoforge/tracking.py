@@ -7,7 +7,12 @@ Notable:
 - Only rank 0 logs under torchrun; other ranks get a tracker that does nothing.
 - Metrics are buffered and sent with `log_batch`, never one call per metric in a
   hot loop.
-- A failed stage leaves its run FAILED with the error as a tag. An unreachable
+- The experiment is tagged as model training (`mlflow.experimentKind`), so MLflow 3
+  opens it on its runs, not on the GenAI overview ("No data available").
+- Run URLs are links people can click: the tracking server's own, or `make mlflow`'s
+  (http://127.0.0.1:$MLFLOW_PORT, default 5000) for the embedded SQLite store.
+- A failed stage leaves its run FAILED with the error as a tag; a stage stopped on
+  purpose (Ctrl-C, SIGTERM: the train stage's Preempted) leaves it KILLED. An unreachable
   server, or any tracking error mid-run, is a warning: the stage goes on untracked.
 - Runs carry lineage tags: git commit and dirty flag, stage, hostname, the DVC
   hashes of the stage's inputs, and the parent run (NANOFORGE_PARENT_RUN_ID) that
@@ -35,6 +40,9 @@ import yaml
 from nanoforge.common import DATA_DIR, get_logger, is_rank0
 
 EXPERIMENT = "nanoforge"
+# MLflow 3 picks the experiment's landing page from this tag; without it an experiment
+# of plain runs opens on the GenAI overview and names train runs "Evaluations"
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 PARENT_ENV = "NANOFORGE_PARENT_RUN_ID"
 _MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
 _FLUSH_EVERY_S = 10.0
@@ -220,9 +228,12 @@ def _reachable(uri: str) -> bool:
 def _experiment_id(client) -> str:
     exp = client.get_experiment_by_name(EXPERIMENT)
     if exp is not None:
+        if (exp.tags or {}).get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # a store made before the tag existed
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
     try:
-        return client.create_experiment(EXPERIMENT, artifact_location=_artifact_location())
+        return client.create_experiment(EXPERIMENT, artifact_location=_artifact_location(),
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:  # another process created it first
         exp = client.get_experiment_by_name(EXPERIMENT)
         if exp is None:
@@ -230,11 +241,29 @@ def _experiment_id(client) -> str:
         return exp.experiment_id
 
 
-def run_url(run_id: str, experiment_id: str) -> str:
+def ui_base() -> str:
+    """Where people open MLflow: the tracking server, or `make mlflow` for the embedded store."""
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
-        return f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
-    return f"mlflow ui --backend-store-uri {uri}  ->  #/experiments/{experiment_id}/runs/{run_id}"
+        return uri.rstrip("/")
+    return f"http://127.0.0.1:{os.environ.get('MLFLOW_PORT', '').strip() or '5000'}"
+
+
+def run_url(run_id: str, experiment_id: str) -> str:
+    return f"{ui_base()}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def link_for_run(run_id: str) -> str | None:
+    """The URL of an existing run (its experiment looked up), or None when MLflow can't say."""
+    if not run_id or not _reachable(tracking_uri()):
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from mlflow.tracking import MlflowClient
+        return run_url(run_id, MlflowClient(tracking_uri=tracking_uri()).get_run(run_id).info.experiment_id)
+    except Exception:
+        return None
 
 
 def _open(stage: str, params: dict[str, Any], run_name: str | None, tags: dict[str, Any]) -> StageRun:

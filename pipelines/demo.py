@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from nanoforge.formats import human
+
 ROOT = Path(os.environ.get("NANOFORGE_ROOT") or Path(__file__).resolve().parents[1])
 
 
@@ -75,15 +77,24 @@ def step_times(instance, run_id: str) -> dict[str, float]:
     return took
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 HEADLINE = {"download": ("shards", "rows"), "tokenizer": ("vocab_size", "val_bytes_per_token"),
-            "train": ("val_bpb", "tok_per_sec", "mfu"), "evaluate": ("val_bpb", "core"),
+            "train": ("val_bpb", "tok_per_sec", "mfu_percent"), "evaluate": ("val_bpb", "core"),
             "register": ("decision", "model_version"), "report": ("report_html",)}
+
+
+def numbers(name: str, meta: dict) -> str:
+    """The asset's headline numbers, formatted as everywhere else (nanoforge/formats.py); each BPB with its tokens."""
+    parts = []
+    for key in HEADLINE.get(name, ()):
+        if key not in meta:
+            continue
+        text = f"{key.removesuffix('_percent')} {human(key, meta[key])}"
+        if key.endswith("_bpb") and meta.get(f"{key}_tokens") is not None:
+            text += f" ({human(f'{key}_tokens', meta[f'{key}_tokens'])} tokens)"
+        parts.append(text)
+    if name == "register" and meta.get("up_to_date") and "decision" not in meta:
+        parts.append("no new model version (the model and its scores are unchanged)")
+    return ", ".join(parts)
 
 
 def summary(result, instance) -> str:
@@ -100,8 +111,7 @@ def summary(result, instance) -> str:
         status = str(meta.get("dvc_status", "")).split(":")[0]
         command = float(meta.get("duration_s") or 0.0)
         step = took.get(name, command)
-        numbers = ", ".join(f"{k} {_fmt(meta[k])}" for k in HEADLINE.get(name, ()) if k in meta)
-        rows.append((name, status, f"{step:.1f}", f"{command:.1f}", f"{step - command:.1f}", numbers))
+        rows.append((name, status, f"{step:.1f}", f"{command:.1f}", f"{step - command:.1f}", numbers(name, meta)))
     for key in took.keys() - {r[0] for r in rows}:  # failed steps
         rows.append((key, "FAILED", f"{took[key]:.1f}", "", "", ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -70,9 +70,14 @@ def test_stage_end_to_end(single):
     from mlflow.tracking import MlflowClient
 
     project, proc, uri = single
+    # metrics.json: only the numbers people compare (dvc metrics show stays narrow); the rest in details.json
     metrics = json.loads((project / "artifacts/eval/metrics.json").read_text())
-    for key in ("val_bpb", "train_bpb", "core", "tasks", "eval_seconds", "mlflow_run_id"):
-        assert key in metrics, key
+    assert set(metrics) == {"val_bpb", "val_bpb_tokens", "train_bpb", "train_bpb_tokens", "core"}
+    assert all(isinstance(v, (int, float)) for v in metrics.values())
+    details = json.loads((project / "artifacts/eval/details.json").read_text())
+    for key in ("tasks", "notes", "skipped_tasks", "eval_seconds", "core_num_tasks", "device", "mlflow_run_id"):
+        assert key in details, key
+    metrics.update(details)
     assert set(metrics["tasks"]) == {"toy_mc", "toy_schema", "toy_lm"}
     for task in metrics["tasks"].values():
         assert set(task) >= {"accuracy", "centered", "items", "seconds"} and task["items"] == 9
@@ -93,7 +98,7 @@ def test_stage_end_to_end(single):
     model, _ = load_model(project / "artifacts/model")
     rows_val = shard_rows([project / "data/fineweb/shard_01822.parquet"], tok, SEQ, 1024)
     assert metrics["val_bpb"] == pytest.approx(evaluate_bpb(model, rank_batches(rows_val, 8, cpu), tok.token_bytes, cpu), rel=1e-6)
-    assert metrics["bpb_tokens"] == {"val": 1024, "train": 1024}
+    assert metrics["val_bpb_tokens"] == 1024 and metrics["train_bpb_tokens"] == 1024  # each BPB beside its budget
     assert metrics["val_bpb"] != metrics["train_bpb"]
 
     samples = json.loads((project / "artifacts/eval/samples.json").read_text())
@@ -104,11 +109,18 @@ def test_stage_end_to_end(single):
     run_ = client.get_run(metrics["mlflow_run_id"])
     assert run_.data.metrics["core"] == pytest.approx(metrics["core"])
     assert run_.data.metrics["val_bpb"] == pytest.approx(metrics["val_bpb"])
+    assert run_.data.metrics["val_bpb_tokens"] == 1024
     assert "core.toy_mc.centered" in run_.data.metrics
     assert run_.data.tags["model.train_run_id"] == "train-run-123"
     assert {a.path for a in client.list_artifacts(run_.info.run_id, "eval")} == {
-        "eval/metrics.json", "eval/core.csv", "eval/samples.json"}
+        "eval/metrics.json", "eval/details.json", "eval/core.csv", "eval/samples.json"}
     assert "CORE" in proc.stderr
+
+
+def _eval_outputs(project: Path) -> dict:
+    """metrics.json and details.json as one dict."""
+    return {**json.loads((project / "artifacts/eval/details.json").read_text()),
+            **json.loads((project / "artifacts/eval/metrics.json").read_text())}
 
 
 def test_torchrun_two_processes_match_one(inputs, single, tmp_path):
@@ -117,8 +129,7 @@ def test_torchrun_two_processes_match_one(inputs, single, tmp_path):
     # tracking off: test_stage_end_to_end checks MLflow; this one checks the ranks agree
     run([tool("torchrun"), "--standalone", "--nproc_per_node=2", "-m", "stages.evaluate", *SETS], two,
         env={"OMP_NUM_THREADS": "1", "NANOFORGE_TRACKING": "off"})
-    a = json.loads((one / "artifacts/eval/metrics.json").read_text())
-    b = json.loads((two / "artifacts/eval/metrics.json").read_text())
+    a, b = _eval_outputs(one), _eval_outputs(two)
     assert b["world_size"] == 2
     # items split i % 2 (9 per task: unequal shares), per-item results all-reduced: the same counts exactly
     assert {k: v["correct"] for k, v in a["tasks"].items()} == {k: v["correct"] for k, v in b["tasks"].items()}
@@ -172,7 +183,7 @@ def test_bad_task_skipped_when_asked(inputs, tmp_path, monkeypatch):
     project = _copy(inputs, tmp_path / "p")
     (project / "data/eval_bundle/eval_data/toy/toy_schema.jsonl").unlink()
     assert _main_in(project, monkeypatch, *SETS, "--set", "skip_bad_tasks=true") == 0
-    metrics = json.loads((project / "artifacts/eval/metrics.json").read_text())
+    metrics = json.loads((project / "artifacts/eval/details.json").read_text())
     assert set(metrics["tasks"]) == {"toy_mc", "toy_lm"} and "toy_schema" in metrics["skipped_tasks"]
     assert metrics["core_num_tasks"] == 2
 
@@ -228,7 +239,7 @@ def test_changing_only_evaluate_params_does_not_retrain(tiny_pipeline, tmp_path)
     (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     model = (copy / "artifacts/model/model.safetensors").read_bytes()
     train_metrics = (copy / "artifacts/train/metrics.json").read_text()
-    before = json.loads((copy / "artifacts/eval/metrics.json").read_text())
+    before = json.loads((copy / "artifacts/eval/details.json").read_text())
 
     status = run([tool("dvc"), "status", "--json"], copy, env=env).stdout
     assert set(json.loads(status)) == {"evaluate"}, status  # report/register follow through their deps
@@ -238,5 +249,5 @@ def test_changing_only_evaluate_params_does_not_retrain(tiny_pipeline, tmp_path)
     assert "Running stage 'evaluate'" in out, out
     assert (copy / "artifacts/model/model.safetensors").read_bytes() == model
     assert (copy / "artifacts/train/metrics.json").read_text() == train_metrics
-    after = json.loads((copy / "artifacts/eval/metrics.json").read_text())
+    after = json.loads((copy / "artifacts/eval/details.json").read_text())
     assert {t["items"] for t in after["tasks"].values()} == {3} != {t["items"] for t in before["tasks"].values()}

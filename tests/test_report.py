@@ -80,11 +80,14 @@ def write_outputs(root: Path, steps: int = 120, seed: int = 0, loss_offset: floa
                    ["step", "loss", "loss_ema", "lr_mult", "grad_norm", "dt", "tok_per_sec", "mfu", "flops"], rows)
         val = [[s, s * 4096 * fpt, 2.5 * math.exp(-s / 60) + 1.4 + loss_offset] for s in range(0, steps + 1, 20)]
         _write_csv(root / "artifacts/train/val.csv", ["step", "flops", "val_bpb"], val)
+        # metrics.json: the compared numbers; details.json: the rest (training/outputs.py)
         _json(root / "artifacts/train/metrics.json", {
-            "num_params": num_params, "num_flops_per_token": fpt, "tokens_trained": tokens, "steps": steps,
-            "world_size": 1, "final_loss": rows[-1][2], "val_bpb": val[-1][2], "min_val_bpb": min(v[2] for v in val),
-            "tok_per_sec": 8123.456, "mfu": 0.3123, "train_seconds": 3725.0, "peak_memory_mb": 1536.0,
-            "device": "cpu", "dtype": "float32", "mlflow_run_id": None,
+            "num_params": num_params, "tokens_trained": tokens, "final_loss": rows[-1][2], "val_bpb": val[-1][2],
+            "min_val_bpb": min(v[2] for v in val), "val_bpb_tokens": 32_768, "tok_per_sec": 8123.456, "mfu": 0.3123,
+        })
+        _json(root / "artifacts/train/details.json", {
+            "num_flops_per_token": fpt, "steps": steps, "world_size": 1, "train_seconds": 3725.0,
+            "peak_memory_mb": 1536.0, "device": "cpu", "dtype": "float32", "mlflow_run_id": None,
         })
         _json(root / "artifacts/model/config.json", {
             "model": {"sequence_len": 256, "vocab_size": 4096, "n_layer": 4, "n_head": 2, "n_kv_head": 2, "n_embd": 256},
@@ -101,9 +104,10 @@ def write_outputs(root: Path, steps: int = 120, seed: int = 0, loss_offset: floa
         core = sum(t["centered"] for t in tasks.values()) / len(tasks)
         _write_csv(root / "artifacts/eval/core.csv", ["task", "accuracy", "centered", "items", "random_baseline", "seconds"], rows)
         _json(root / "artifacts/eval/metrics.json", {
-            "val_bpb": 1.3456789, "train_bpb": 1.29, "core": core, "tasks": tasks, "eval_seconds": 95.0,
-            "mlflow_run_id": None,
+            "val_bpb": 1.3456789, "val_bpb_tokens": 65_536, "train_bpb": 1.29, "train_bpb_tokens": 65_536, "core": core,
         })
+        _json(root / "artifacts/eval/details.json", {"tasks": tasks, "core_num_tasks": len(tasks), "eval_seconds": 95.0,
+                                                      "mlflow_run_id": None})
         _json(root / "artifacts/eval/samples.json", {
             "conditional": [{"prompt": "The capital of France is", "completion": " Paris, the | city of <b>light</b> ```"},
                             {"prompt": "The opposite of hot is", "completion": " cold.\nNew line & more"}],
@@ -212,7 +216,8 @@ def test_full_report_from_contract_outputs(workdir, monkeypatch):
     assert meta["report_html"] == str((workdir / "reports/report.html").resolve()) and meta["figures"] == 4
     assert meta["val_bpb"] == pytest.approx(1.3456789) and meta["mfu"] == pytest.approx(0.3123)
     assert meta["sections_not_run"] == 0 and meta["mlflow_run_id"]
-    assert meta["summary"]["type"] == "md" and "| val BPB | 1.346 |" in meta["summary"]["raw_value"]
+    assert meta["summary"]["type"] == "md"
+    assert "| val BPB | 1.3457 (65,536 tokens, evaluate.val_tokens) |" in meta["summary"]["raw_value"]
     for heading in SECTIONS:
         assert heading + "\n" in md, heading
     assert "not run" not in md.lower() and "could not be rendered" not in md
@@ -222,7 +227,10 @@ def test_full_report_from_contract_outputs(workdir, monkeypatch):
     assert "| **Training time** | 1h 02m 05s |" in md
     assert "| **MFU** | 31.23% |" in md
     assert "| **Throughput** | 8,123 tok/s |" in md
-    assert "| **Val BPB** | 1.346 |" in md
+    # two BPB figures, each naming its token budget; the evaluate stage's is the official one
+    assert "| **Val BPB** | 1.3457 (65,536 tokens, evaluate.val_tokens) |" in md
+    assert re.search(r"\| \*\*Val BPB in the loop \(final / min\)\*\* \| 1\.\d{4} / 1\.\d{4} "
+                     r"\(32,768 tokens, train\.eval_tokens; the evaluation below is the official figure\) \|", md), md
     assert "| **Peak memory** | 1.500 GiB |" in md
     assert "| **Tokens : params** | 0.06696 : 1 |" in md
     # data: totals per split from the manifest
@@ -244,15 +252,37 @@ def test_full_report_from_contract_outputs(workdir, monkeypatch):
     assert "The capital of France is⟶ Paris, the | city of <b>light</b> ```" in md
     assert "````text" in md  # the fence outgrows the sample's own backticks
     for png in ("loss.png", "schedule.png", "val_bpb.png", "core.png"):
-        assert f"]({png})" in md and (workdir / "reports" / png).stat().st_size > 5000
-    # HTML: valid, self-contained, escaped
+        assert f"](figures/{png})" in md and (workdir / "reports/figures" / png).stat().st_size > 5000
+    # HTML: valid, self-contained (links to MLflow, nothing loaded from the network), escaped
     checker = check_html(page)
     assert len(checker.images) == 4 and all(i["src"].startswith("data:image/png;base64,") for i in checker.images)
     assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
-    assert "http://" not in page and "https://" not in page.replace(
-        "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle", "")
+    assert not re.search(r'src="https?:', page)
+    links = re.findall(r'<a href="([^"]+)">', page)
+    assert links and all(u.startswith("http://127.0.0.1:5000/#/experiments/") for u in links), links
     text = " ".join(checker.text)
     assert "7,340,032" in text and "31.23%" in text
+    # the samples caption promises a marker between prompt and continuation: the HTML shows it too
+    assert "then ⟶ where the model takes over" in page and "<b>The capital of France is</b>⟶ Paris" in page
+
+
+def test_report_opens_on_a_summary_and_links_mlflow_runs(workdir, monkeypatch):
+    write_outputs(workdir)
+    md, page = make_report(workdir)
+    # the first section is the summary, before hashes and hardware
+    assert md.index("## Summary") < md.index("## Run") < md.index("## Data")
+    summary = md[md.index("## Summary"):md.index("## Run")]
+    for row in ("| **Val BPB** | 1.3457 (65,536 tokens, evaluate.val_tokens) |", "| **CORE** | 0.",
+                "| **Throughput** | 8,123 tok/s |", "| **MFU** | 31.23% |", "| **Training cost** | $0.0517 |",
+                "| **Time** | 1h 02m 05s training, 1m 35s evaluation |"):
+        assert row in summary, (row, summary)
+    # MLflow runs are links, not bare ids
+    (link,) = re.findall(r"\| \*\*MLflow report run\*\* \| \[report run (\w{8})\]\((http://[^)]+)\) \|", md)
+    assert link[1].endswith(f"/runs/{link[1].rsplit('/', 1)[-1]}") and link[1].rsplit("/", 1)[-1].startswith(link[0])
+    # the headline numbers as a DVC metrics file: what Dagster shows when the report is up to date
+    summary_json = json.loads((workdir / "reports/summary.json").read_text())
+    assert summary_json["val_bpb"] == pytest.approx(1.3456789) and summary_json["val_bpb_tokens"] == 65_536
+    assert summary_json["cost_usd"] == pytest.approx(0.05 * 3725 / 3600) and summary_json["mfu"] == pytest.approx(0.3123)
 
 
 def test_sections_say_not_run_when_outputs_are_missing(workdir):
@@ -386,19 +416,19 @@ def test_comparison_with_earlier_runs_and_champion(workdir):
     section = md.split("## Comparison with earlier runs")[1]
     rows = [line for line in section.splitlines() if line.startswith("| ")]
     assert rows[0].startswith("| run | val BPB ↓ | CORE ↑ |")
-    assert rows[1].startswith("| **this run** | 1.346 |")
+    assert rows[1].startswith("| **this run** | 1.3457 |")
     assert rows[2].startswith(f"| champion v{version.version} · ") and champ[:8] in rows[2]
     # the champion's val BPB and CORE come from its evaluate run; deltas are this minus that
-    assert "| 1.400 (Δ -0.05432) |" in rows[2] and "0.08000 (Δ " in rows[2]
+    assert "| 1.4000 (Δ -0.05432) |" in rows[2] and "0.0800 (Δ " in rows[2]
     assert newest[:8] in rows[3] and champ[:8] in rows[4]   # newest first, the failed run skipped
     assert old[:8] not in section and failed.info.run_id[:8] not in section  # compare_runs=2
-    assert "| 1.500 (Δ " in rows[3]  # no evaluate run: the train run's val BPB (1.45 + 0.05)
-    assert "| n/a |" in rows[3]       # and no CORE
+    # no evaluate run: no val BPB to compare (the train loop's 1.50 is over other tokens), and no CORE
+    assert rows[3].split(" | ")[1:3] == ["n/a", "n/a"] and "1.5000" not in rows[3]
     assert "7,000 (Δ +1.123 k)" in rows[3] and "25.00% (Δ +6.230 pp)" in rows[3]
     assert "(Δ +12m 05s)" in rows[3]
     # what training logs under other names: params from derived.num_params, tokens from flops / FLOPs per token
     assert rows[3].endswith("| 7.340 M (Δ 0) | 491.5 k (Δ 0) |")
-    assert "](compare_loss.png)" in md and (workdir / "reports/compare_loss.png").stat().st_size > 5000
+    assert "](figures/compare_loss.png)" in md and (workdir / "reports/figures/compare_loss.png").stat().st_size > 5000
     check_html(page)
 
     # the report is itself a run: it records the headline numbers and the train run it describes
@@ -406,7 +436,7 @@ def test_comparison_with_earlier_runs_and_champion(workdir):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.metrics["val_bpb"] == pytest.approx(1.3456789)
     artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id, "report")}
-    assert {"report/report.md", "report/report.html", "report/loss.png"} <= artifacts
+    assert {"report/report.md", "report/report.html", "report/figures", "report/summary.json"} <= artifacts
 
 
 def test_comparison_without_earlier_runs(workdir):
@@ -414,7 +444,27 @@ def test_comparison_without_earlier_runs(workdir):
     md, _ = make_report(workdir)
     section = md.split("## Comparison with earlier runs")[1]
     assert "No registered champion (`nanoforge-base@champion`) yet." in section
-    assert "this is the first" in section or "no `nanoforge` experiment" in section
+    assert "First run, nothing to compare" in section or "no `nanoforge` experiment" in section
+
+
+def test_first_run_that_is_the_champion_is_not_compared_with_itself(workdir):
+    from mlflow.tracking import MlflowClient
+
+    from nanoforge.tracking import _experiment_id, tracking_uri
+
+    client = MlflowClient(tracking_uri())
+    exp_id = _experiment_id(client)
+    this = _past_train_run(client, exp_id, 0.0, 1.3456789, 0.07, int(time.time() * 1000) - 100_000)
+    client.create_registered_model("nanoforge-base")
+    version = client.create_model_version("nanoforge-base", f"runs:/{this}/model", run_id=this)
+    client.set_registered_model_alias("nanoforge-base", "champion", version.version)
+    write_outputs(workdir)
+    details = json.loads((workdir / "artifacts/train/details.json").read_text())
+    _json(workdir / "artifacts/train/details.json", {**details, "mlflow_run_id": this})  # this report's train run
+    md, _ = make_report(workdir)
+    section = md.split("## Comparison with earlier runs")[1]
+    assert "First run, nothing to compare" in section and "the champion is this run" in section
+    assert "Δ" not in section and "(this run)" not in section
 
 
 def test_comparison_when_mlflow_is_unreachable(workdir, monkeypatch):
@@ -515,10 +565,13 @@ def test_report_of_a_real_tiny_pipeline_run(tiny_pipeline, chromium, monkeypatch
     assert "Not run" not in md and "could not be rendered" not in md, md
     # the numbers are the stages' own, formatted
     train = json.loads((project / "artifacts/train/metrics.json").read_text())
+    train.update(json.loads((project / "artifacts/train/details.json").read_text()))
     ev = json.loads((project / "artifacts/eval/metrics.json").read_text())
+    ev.update(json.loads((project / "artifacts/eval/details.json").read_text()))
     assert f"| **Parameters** | {count(train['num_params'])} (" in md
     assert f"| **Tokens trained** | {count(train['tokens_trained'])} (" in md
-    assert f"| **Val BPB** | {sig(ev['val_bpb'])} |" in md and f"| **CORE** | {sig(ev['core'])} |" in md
+    assert f"| **Val BPB** | {ev['val_bpb']:.4f} ({count(ev['val_bpb_tokens'])} tokens, evaluate.val_tokens) |" in md
+    assert f"| **CORE** | {ev['core']:.4f} |" in md
     assert re.search(r"\| `matrix_lr` \| 0\.02 \|", md)  # the resolved config as it ran (MLflow params of the train run)
     for task in ev["tasks"]:
         assert f"| `{task}` |" in md
@@ -552,7 +605,7 @@ def test_report_of_a_real_tiny_pipeline_run(tiny_pipeline, chromium, monkeypatch
     assert reports[0].data.tags["train_run_id"] == train["mlflow_run_id"]
     assert reports[0].data.metrics["core"] == pytest.approx(ev["core"])
     artifacts = {a.path for a in client.list_artifacts(reports[0].info.run_id, "report")}
-    assert {"report/report.md", "report/report.html", "report/loss.png", "report/core.png"} <= artifacts
+    assert {"report/report.md", "report/report.html", "report/figures", "report/summary.json"} <= artifacts
     # what a later report will see of this run: the real stages' metrics, linked up
     past = load_history(None, 5, "nanoforge-base@champion").previous
     assert [p.run_id for p in past] == [train["mlflow_run_id"]]

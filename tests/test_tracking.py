@@ -114,3 +114,30 @@ def test_tracking_error_mid_run_disables_instead_of_raising(tmp_path, monkeypatc
         run.log_metrics({"loss": 1.0}, step=0)
         run.flush()
         assert not run.enabled
+
+
+def test_experiment_opens_on_training_runs_and_run_urls_are_links(tmp_path, monkeypatch):
+    # MLflow 3 opens an experiment without `mlflow.experimentKind` on its GenAI overview ("No data
+    # available") and calls train runs "Evaluations"; a store made before the tag gets it on next use
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_PORT", "5123")
+    old = client().create_experiment(tracking.EXPERIMENT)  # as an older version of the stages made it
+    with stage_run("train", {}) as run:
+        pass
+    exp = client().get_experiment(old)
+    assert exp.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    # a clickable URL into `make mlflow` (MLFLOW_PORT), not a shell command
+    assert run.url == f"http://127.0.0.1:5123/#/experiments/{old}/runs/{run.run_id}"
+    assert tracking.link_for_run(run.run_id) == run.url
+    assert tracking.link_for_run("0123456789abcdef") is None  # no such run: no made-up link
+
+
+def test_run_stopped_on_purpose_is_killed_not_failed(tmp_path, monkeypatch):
+    # the train stage's Preempted (SIGTERM: checkpoint saved, exit 143) is a KeyboardInterrupt
+    from nanoforge.training.loop import Preempted
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(Preempted):
+        with stage_run("train", {}):
+            raise Preempted("stopped by signal at step 3/10; checkpoint saved")
+    assert only_run("train").info.status == "KILLED"

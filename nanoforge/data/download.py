@@ -265,7 +265,9 @@ def download_shards(
         results, errors = _fetch_parallel(todo, invalid, cfg, sources, directory, stop, progress)
         if progress.bar is None and progress.transferred:
             log.info("%s", progress.line())
-        report.transferred = progress.transferred
+        # bytes each fetch received: the progress meter misses a file that arrives in one chunk (it takes
+        # a file's first report for where a resumed file starts), which reported 0.0 MB after 0.6 MB
+        report.transferred = sum(r.transferred for _, r in results.values() if r is not None)
 
     for index, (facts, result) in sorted(results.items()):
         report.entries[index] = facts

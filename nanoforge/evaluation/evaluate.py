@@ -10,9 +10,12 @@ Notable:
   shards, the same tokens every run (evaluation/bpb.py). CORE: evaluation/core.py, with
   sequences cropped to the model's context and rows packed into batches of
   `device_batch_size` contexts.
-- Writes artifacts/eval/{metrics.json, core.csv, samples.json} atomically on rank 0;
-  logs metrics, the task table and samples to MLflow; reports headline numbers
-  and a markdown task table to Dagster when run under Pipes.
+- Writes artifacts/eval/{metrics.json, details.json, core.csv, samples.json} atomically
+  on rank 0. metrics.json holds only what people compare across runs (val/train BPB
+  with their token budgets, CORE), so `dvc metrics show` stays readable; per-task
+  results are in core.csv, and notes, skipped tasks, timings, device and run ids in
+  details.json (plain outputs). Logs metrics, the task table and samples to MLflow;
+  reports headline numbers and a markdown task table to Dagster when run under Pipes.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from nanoforge.gpus import check_processes_fit_gpus
 from nanoforge.training.checkpoint import CONFIG, WEIGHTS
 
 CSV_COLUMNS = ["task", "accuracy", "centered", "items", "random_baseline", "seconds", "correct", "shots"]
-OUTPUT_FILES = ("metrics.json", "core.csv", "samples.json")
+OUTPUT_FILES = ("metrics.json", "details.json", "core.csv", "samples.json")
+METRICS = ("val_bpb", "val_bpb_tokens", "train_bpb", "train_bpb_tokens", "core")  # metrics.json; the rest: details.json
 
 
 def check_inputs(cfg, log) -> dict:
@@ -123,17 +127,21 @@ def run_evaluation(cfg, inputs: dict, runtime, log) -> dict:
 
 
 def write_outputs(out: dict, inputs: dict, runtime, run_id: str | None) -> dict:
+    """The four files; returns metrics.json and details.json merged (what MLflow and Dagster are sent)."""
     rows = task_table(out["results"])
     metrics = {
         "val_bpb": out["val_bpb"],
+        "val_bpb_tokens": out["val_bpb_tokens"],  # evaluate.val_tokens, as far as the shard held them
         "train_bpb": out["train_bpb"],
+        "train_bpb_tokens": out["train_bpb_tokens"],
         "core": out["core"],
+    }
+    details = {
         "tasks": {r["task"]: {k: r[k] for k in ("accuracy", "centered", "items", "seconds", "correct", "random_baseline",
                                                "shots")} for r in rows},
         "core_num_tasks": len(rows),
         "skipped_tasks": inputs["skipped"],
         "notes": {r.label: r.notes for r in out["results"] if r.notes},
-        "bpb_tokens": {"val": out["val_bpb_tokens"], "train": out["train_bpb_tokens"]},
         "eval_seconds": out["eval_seconds"],
         "bpb_seconds": out["bpb_seconds"],
         "core_seconds": out["core_seconds"],
@@ -150,14 +158,15 @@ def write_outputs(out: dict, inputs: dict, runtime, run_id: str | None) -> dict:
     writer.writerows(rows)
     write_text(EVAL_DIR / "core.csv", buf.getvalue())
     write_json(EVAL_DIR / "samples.json", out["samples"])
+    write_json(EVAL_DIR / "details.json", details)
     write_json(EVAL_DIR / "metrics.json", metrics)  # last: its presence means the rest is complete
-    return metrics
+    return {**metrics, **details}
 
 
 def mlflow_metrics(metrics: dict) -> dict[str, float]:
     """The headline numbers and each task's accuracy, flat, as the evaluate run logs them."""
-    flat = {"val_bpb": metrics["val_bpb"], "train_bpb": metrics["train_bpb"], "core": metrics["core"],
-            "eval_seconds": metrics["eval_seconds"]}
+    flat = {k: metrics[k] for k in METRICS if metrics.get(k) is not None}  # each BPB beside its token budget
+    flat["eval_seconds"] = metrics["eval_seconds"]
     for label, task in metrics["tasks"].items():
         flat[f"core.{label}.accuracy"] = task["accuracy"]
         flat[f"core.{label}.centered"] = task["centered"]

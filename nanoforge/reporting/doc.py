@@ -8,126 +8,27 @@ Notable:
   that opens anywhere with no network.
 - Text from the run (samples, task names) is escaped: in Markdown, raw text goes
   in fences longer than any backtick run inside it; in HTML, everything is escaped.
-  Paragraph text written by the report itself may use `code` and **bold**.
-- Human formatting lives here: thousands separators, 4 significant digits for
-  metrics, SI prefixes for FLOPs, durations as h/m/s.
+  Paragraph text written by the report itself may use `code`, **bold** and
+  [links](http://...) (http(s) only: MLflow runs).
+- A sample shows the prompt, then ⟶ where the model takes over, in both renderings.
+- Numbers are formatted by nanoforge/formats.py (one helper for every human view:
+  report, terminal, Dagster, the demo table); re-exported here for the sections.
 """
 
 from __future__ import annotations
 
 import base64
 import html
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-NA = "n/a"
+from nanoforge.formats import (  # noqa: F401  (re-exported for the report sections)
+    NA, count, duration, finite, nbytes, percent, si, sig, signed, usd,
+)
 
-
-# ---------------------------------------------------------------------------
-# numbers for humans
-
-def finite(x: Any) -> float | None:
-    """A finite float, or None for anything else (None, bools, text, NaN, inf)."""
-    if x is None or isinstance(x, bool):
-        return None
-    try:
-        value = float(x)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
-def count(x: Any) -> str:
-    """An integer with thousands separators: 1,234,567."""
-    value = finite(x)
-    return NA if value is None else f"{round(value):,}"
-
-
-def sig(x: Any, digits: int = 4) -> str:
-    """A metric to `digits` significant digits; large values keep all integer digits (12,346)."""
-    if isinstance(x, float) and math.isnan(x):
-        return "NaN"
-    if isinstance(x, float) and math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    value = finite(x)
-    if value is None:
-        return NA
-    if value == 0:
-        return "0"
-    magnitude = math.floor(math.log10(abs(value)))
-    if magnitude >= 15 or magnitude < -4:
-        return f"{value:.{digits - 1}e}"
-    decimals = max(0, digits - 1 - magnitude)
-    text = f"{value:,.{decimals}f}"
-    return text
-
-
-def signed(x: Any, digits: int = 4) -> str:
-    value = finite(x)
-    if value is None:
-        return NA
-    return ("+" if value > 0 else "") + sig(value, digits)
-
-
-def si(x: Any, unit: str = "", digits: int = 4) -> str:
-    """1.234e15 -> '1.234 P<unit>'."""
-    value = finite(x)
-    if value is None:
-        return NA
-    prefixes = [(1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")]
-    for scale, prefix in prefixes:
-        if abs(value) >= scale:
-            return f"{sig(value / scale, digits)} {prefix}{unit}"
-    return f"{sig(value, digits)} {unit}".rstrip()
-
-
-def nbytes(x: Any) -> str:
-    """Binary units, as memory is sold: 23.54 GiB."""
-    value = finite(x)
-    if value is None:
-        return NA
-    for scale, unit in [(2**40, "TiB"), (2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")]:
-        if abs(value) >= scale:
-            return f"{sig(value / scale)} {unit}"
-    return f"{count(value)} B"
-
-
-def duration(seconds: Any) -> str:
-    """42.1s, 2m 05s, 1h 02m 03s, 3d 04h 05m."""
-    value = finite(seconds)
-    if value is None:
-        return NA
-    if value < 60:
-        return f"{value:.1f}s"
-    total = round(value)
-    days, rest = divmod(total, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days}d {hours:02d}h {minutes:02d}m"
-    if hours:
-        return f"{hours}h {minutes:02d}m {secs:02d}s"
-    return f"{minutes}m {secs:02d}s"
-
-
-def percent(fraction: Any) -> str:
-    value = finite(fraction)
-    return NA if value is None else f"{sig(100 * value)}%"
-
-
-def usd(x: Any) -> str:
-    """Dollars as people write them: $1,234.50, $2.49, $0.0517, $0.05."""
-    value = finite(x)
-    if value is None:
-        return NA
-    if abs(value) >= 1:
-        return f"${value:,.2f}"
-    if abs(value) < 1e-4:  # a tiny CPU run: pennies are not worth scientific notation
-        return "$0" if value == 0 else "< $0.0001"
-    return f"${value:.3g}"
+SAMPLE_MARK = "⟶"  # between a sample's prompt and the model's continuation (the report's caption names it)
 
 
 # ---------------------------------------------------------------------------
@@ -211,7 +112,7 @@ def to_markdown(doc: Doc) -> str:
             out += [fence + "text", d["text"], fence, ""]
         elif block.kind == "sample":
             # the marker shows where the model took over; the completion keeps its own spacing
-            body = f"{d['prompt']}⟶{d['completion']}" if d["prompt"] else d["completion"]
+            body = f"{d['prompt']}{SAMPLE_MARK}{d['completion']}" if d["prompt"] else d["completion"]
             fence = _fence(body)
             out += [fence + "text", body, fence, ""]
     return "\n".join(out).rstrip() + "\n"
@@ -239,9 +140,10 @@ figcaption{color:#656d76;font-size:.9em}
 
 
 def _inline(text: str) -> str:
-    """Escape, then the two bits of markup the report's own prose uses: `code` and **bold**."""
+    """Escape, then the markup the report's own prose uses: `code`, **bold**, [text](http://link)."""
     escaped = html.escape(str(text), quote=False)
     escaped = re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
+    escaped = re.sub(r'\[([^\]]+)\]\((https?://[^)\s"<>]+)\)', r'<a href="\2">\1</a>', escaped)
     return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", escaped)
 
 
@@ -289,7 +191,7 @@ def to_html(doc: Doc, image_dir: Path) -> str:
         elif block.kind == "pre":
             parts.append(f"<pre>{html.escape(d['text'], quote=False)}</pre>")
         elif block.kind == "sample":
-            prompt = f"<b>{html.escape(d['prompt'], quote=False)}</b>" if d["prompt"] else ""
+            prompt = f"<b>{html.escape(d['prompt'], quote=False)}</b>{SAMPLE_MARK}" if d["prompt"] else ""
             parts.append(f"<pre>{prompt}{html.escape(d['completion'], quote=False)}</pre>")
     parts += ["</body>", "</html>"]
     return "\n".join(parts) + "\n"

@@ -6,7 +6,9 @@ Notable:
   params, then from the evaluate run of that model (tag `model.train_run_id`, else
   the same parent run), then from the report run that summarised it (tag
   `train_run_id`), later sources winning. So CORE and the evaluate stage's official
-  val BPB appear even though training logged neither.
+  val BPB appear even though training logged neither. The train run's own `val_bpb`
+  (the loop's estimate over train.eval_tokens) is dropped: compared figures are the
+  evaluate stage's only, n/a for a run that was never evaluated.
 - The champion is the model version behind the registry alias (`nanoforge-base@champion`);
   its numbers come from the run that logged the model and that run's siblings.
 - Loss curves are the per-step `loss` metric history of each train run.
@@ -27,7 +29,7 @@ HEADLINE = [
     # key, label, better ("lower" | "higher" | None)
     ("val_bpb", "val BPB", "lower"),
     ("core", "CORE", "higher"),
-    ("final_loss", "final loss", "lower"),
+    ("final_loss", "final loss (EMA)", "lower"),
     ("tok_per_sec", "tok/s", "higher"),
     ("mfu", "MFU", "higher"),
     ("train_seconds", "train time", None),
@@ -54,6 +56,7 @@ class History:
     previous: list[PastRun] = field(default_factory=list)
     champion: PastRun | None = None
     champion_version: str | None = None
+    champion_is_current: bool = False  # the champion is the run this report describes (a first run)
     notes: list[str] = field(default_factory=list)
 
 
@@ -83,6 +86,8 @@ def _search(client, exp_id: str, stage: str, extra: str = "", limit: int = _SEAR
 def _train_metrics(run) -> dict[str, float]:
     """The train run's last values, with the headline numbers it logs under other names derived."""
     metrics = dict(run.data.metrics)
+    for key in ("val_bpb", "min_val_bpb", "val_bpb_tokens"):  # the loop's estimate, over other tokens
+        metrics.pop(key, None)
     params = run.data.params
 
     def param(name: str) -> float | None:
@@ -192,14 +197,21 @@ def _load_champion(client, index: _Index, champion: str, current_train_run_id: s
     train = index.train_sibling(run)
     metrics = index.metrics_for_train(train) if train is not None else {}
     for key, _, _ in HEADLINE:  # the model's own run fills gaps; evaluate's numbers stay the official ones
-        if key not in metrics and key in run.data.metrics:
+        if key not in metrics and key in run.data.metrics and key not in _EVAL_KEYS:
             metrics[key] = run.data.metrics[key]
+    for key in ("val_bpb", "core"):  # registered with the evaluate stage's scores (registry.py)
+        if key not in metrics and (version.tags or {}).get(key) not in (None, ""):
+            try:
+                metrics[key] = float(version.tags[key])
+            except ValueError:
+                pass
     this = " (this run)" if train is not None and train.info.run_id == current_train_run_id else ""
     past = PastRun(f"champion v{version.version}{this} · {_label(train or run)}", (train or run).info.run_id,
                    _when(train or run), metrics)
     if train is not None:
         past.loss_steps, past.loss = _loss_history(client, train.info.run_id)
     out.champion, out.champion_version = past, str(version.version)
+    out.champion_is_current = bool(this)
 
 
 def train_run_params(run_id: str | None) -> dict[str, str]:

@@ -7,7 +7,14 @@ Notable:
   the model and the train metrics, so the report says what ran, not what is asked now.
 - Works with whatever exists: a missing or unreadable output turns its section into
   a "Not run" note naming the file and the command that makes it, never a crash.
-- The header pins the run: git commit and dirty flag, the DVC hashes of data/ and of
+- Opens on a summary (val BPB with its token budget, CORE, tok/s, MFU, cost, time);
+  every BPB figure names its budget (the training loop's train.eval_tokens estimate
+  differs from the evaluate stage's evaluate.val_tokens figure, the official one).
+- Each stage's metrics.json (the compared numbers) and details.json (the rest) are
+  read as one view of that stage.
+- Writes reports/summary.json beside the report: the headline numbers, a DVC metrics
+  file, so Dagster shows them even when the report is up to date.
+- The run header pins the run: git commit and dirty flag, the DVC hashes of data/ and of
   every upstream output, one line that reproduces it, the hardware, and a cost
   estimate from the GPU price table in params.yaml.
 - Written atomically (a temporary directory swapped in), logged to MLflow as a
@@ -30,19 +37,25 @@ import yaml
 
 from nanoforge.reporting import plots
 from nanoforge.common import (
-    EVAL_DIR, MANIFEST_FILE, MODEL_DIR, REPORTS_DIR, TOKENIZER_DIR, TRAIN_DIR, atomic_dir, get_logger, write_text,
+    EVAL_DIR, MANIFEST_FILE, MODEL_DIR, REPORTS_DIR, TOKENIZER_DIR, TRAIN_DIR, atomic_dir, get_logger, write_json,
+    write_text,
 )
 from nanoforge.config import ReportConfig, flatten
+from nanoforge.formats import budget, human
 from nanoforge.reporting.doc import (
-    NA, Doc, count, duration, finite, nbytes, percent, si, sig, signed, to_html, to_markdown, usd,
+    NA, SAMPLE_MARK, Doc, count, duration, finite, nbytes, si, sig, signed, to_html, to_markdown, usd,
 )
 from nanoforge.reporting.history import HEADLINE, History, load_history, train_run_params
-from nanoforge.tracking import _reachable, git_info, tracking_uri
+from nanoforge.tracking import _reachable, git_info, link_for_run, tracking_uri
 
 log = get_logger("report")
 
 REPORT_MD = REPORTS_DIR / "report.md"
 REPORT_HTML = REPORTS_DIR / "report.html"
+SUMMARY_FILE = REPORTS_DIR / "summary.json"  # DVC metrics: the headline numbers, for `dvc metrics show` and Dagster
+FIGURES = "figures"  # the PNGs, in their own folder: DVC tracks it apart from summary.json
+# where each BPB figure's tokens come from (what its budget is called in params.yaml)
+TRAIN_BPB_BUDGET, EVAL_BPB_BUDGET = "train.eval_tokens", "evaluate.val_tokens"
 
 # every input, the stage that writes it (for "run `dvc repro <stage>`"), and how to read it
 INPUTS = {
@@ -50,9 +63,11 @@ INPUTS = {
     "tokenizer": (TOKENIZER_DIR / "metrics.json", "tokenizer", "json"),
     "model": (MODEL_DIR / "config.json", "train", "json"),
     "train": (TRAIN_DIR / "metrics.json", "train", "json"),
+    "train_details": (TRAIN_DIR / "details.json", "train", "json"),
     "steps": (TRAIN_DIR / "steps.csv", "train", "csv"),
     "val": (TRAIN_DIR / "val.csv", "train", "csv"),
     "eval": (EVAL_DIR / "metrics.json", "evaluate", "json"),
+    "eval_details": (EVAL_DIR / "details.json", "evaluate", "json"),
     "core": (EVAL_DIR / "core.csv", "evaluate", "csv"),
     "samples": (EVAL_DIR / "samples.json", "evaluate", "json"),
 }
@@ -113,6 +128,11 @@ def load_inputs(root: Path = Path(".")) -> Inputs:
             found.problems[name] = f"Not run: `{rel}` is not a JSON object."
             continue
         found.values[name] = value
+    for stage in ("train", "eval"):  # one view per stage: its details, with the compared numbers winning
+        details = found.values.pop(f"{stage}_details", None)
+        found.problems.pop(f"{stage}_details", None)  # outputs written before details.json existed
+        if stage in found.values and details:
+            found.values[stage] = {**details, **found.values[stage]}
     return found
 
 
@@ -120,30 +140,26 @@ def load_inputs(root: Path = Path(".")) -> Inputs:
 # numbers that several sections share
 
 def headline(inputs: Inputs) -> dict[str, float | None]:
-    """This run's headline numbers, with the evaluate stage's val BPB winning over the train loop's."""
+    """This run's headline numbers. Val BPB is the evaluate stage's only (over evaluate.val_tokens):
+    the training loop's estimate is over other tokens and is never compared with it."""
     train, ev = inputs.get("train", {}), inputs.get("eval", {})
     out: dict[str, float | None] = {key: finite(train.get(key)) for key, _, _ in HEADLINE}
-    out["val_bpb"] = finite(ev.get("val_bpb")) if finite(ev.get("val_bpb")) is not None else out["val_bpb"]
+    out["val_bpb"] = finite(ev.get("val_bpb"))
+    out["val_bpb_tokens"] = finite(ev.get("val_bpb_tokens"))
     out["core"] = finite(ev.get("core"))
-    out["min_val_bpb"] = finite(train.get("min_val_bpb"))
     return out
 
 
-def mfu_text(x: Any) -> str:
-    # the train stage logs MFU as a fraction of the device's peak
-    return percent(x)
+def train_bpb_tokens(inputs: Inputs) -> Any:
+    """The training loop's BPB budget: its metrics when they say, else the train run's logged param."""
+    train = inputs.get("train") or {}
+    if train.get("val_bpb_tokens") is not None:
+        return train["val_bpb_tokens"]
+    return (inputs.get("train_params") or {}).get("eval_tokens")
 
 
 def fmt_metric(key: str, value: Any) -> str:
-    if key == "mfu":
-        return mfu_text(value)
-    if key == "train_seconds":
-        return duration(value)
-    if key in ("num_params", "tokens_trained"):
-        return si(value)
-    if key == "tok_per_sec":
-        return count(value)
-    return sig(value)
+    return human(key, value)
 
 
 def fmt_delta(key: str, delta: float | None) -> str:
@@ -223,10 +239,37 @@ def git_state(root: Path = Path(".")) -> tuple[str, str]:
     return info["git_commit"], info["git_dirty"]
 
 
-def section_header(doc: Doc, inputs: Inputs, machine: dict, cfg: ReportConfig, run_urls: dict[str, str]) -> dict:
+def section_summary(doc: Doc, inputs: Inputs, spend: dict) -> dict[str, Any]:
+    """The first thing a reader sees: the numbers people compare, each with what it is measured over."""
+    numbers = headline(inputs)
+    numbers.update({"cost_usd": spend["total"], "hourly_usd": spend["hourly"]})
+    train, ev = inputs.get("train") or {}, inputs.get("eval") or {}
+    doc.heading("Summary")
+    bpb = (f"{human('val_bpb', numbers['val_bpb'])} ({budget(numbers['val_bpb_tokens'], EVAL_BPB_BUDGET)})"
+           if numbers["val_bpb"] is not None else f"{NA} (evaluate not run)")
+    doc.kv([
+        ("Val BPB", bpb),
+        ("CORE", human("core", numbers["core"]) + (f" over {count(ev['core_num_tasks'])} tasks"
+                                                    if ev.get("core_num_tasks") else "")),
+        ("Throughput", f"{human('tok_per_sec', numbers['tok_per_sec'])} tok/s"),
+        ("MFU", human("mfu", numbers["mfu"])),
+        ("Training cost", usd(spend["total"]) if spend["total"] is not None else NA),
+        ("Time", f"{duration(train.get('train_seconds'))} training, {duration(ev.get('eval_seconds'))} evaluation"),
+        ("Model", f"{si(numbers['num_params'])} params, {si(numbers['tokens_trained'])} tokens trained"),
+    ])
+    return numbers
+
+
+def _run_link(label: str, value: str) -> str:
+    """A clickable MLflow link for a run id or URL; the bare id in code when MLflow can't say where."""
+    url = value if "://" in value else link_for_run(value)
+    return f"[{label} run {value.rsplit('/', 1)[-1][:8]}]({url})" if url else f"`{value}`"
+
+
+def section_header(doc: Doc, inputs: Inputs, machine: dict, cfg: ReportConfig, run_urls: dict[str, str],
+                   spend: dict) -> dict:
     commit, dirty = git_state()
     rows, lock_sha = dvc_hashes()
-    spend = cost(inputs.get("train", {}), machine, cfg)
     doc.heading("Run")
     pairs = [
         ("Generated", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")),
@@ -234,7 +277,7 @@ def section_header(doc: Doc, inputs: Inputs, machine: dict, cfg: ReportConfig, r
         ("dvc.lock", f"sha256 `{lock_sha}…`" if lock_sha else "none yet (stages run outside `dvc repro`)"),
     ]
     for label, url in run_urls.items():
-        pairs.append((f"MLflow {label} run", f"`{url}`"))
+        pairs.append((f"MLflow {label} run", _run_link(label, url)))
     doc.kv(pairs)
     doc.text("Reproduce this run:")
     doc.pre(f"git checkout {commit} && dvc checkout && dvc repro" if commit != "unknown"
@@ -360,10 +403,12 @@ def section_training(doc: Doc, inputs: Inputs, out_dir: Path, figures: list[str]
         ("World size", count(train.get("world_size"))),
         ("Device / dtype", f"{train.get('device', NA)} / {train.get('dtype', NA)}"
          + (f", torch.compile {'on' if train['compile'] else 'off'}" if isinstance(train.get("compile"), bool) else "")),
-        ("Final training loss", sig(train.get("final_loss"))),
-        ("Val BPB (final / min)", f"{sig(train.get('val_bpb'))} / {sig(train.get('min_val_bpb'))}"),
-        ("MFU", mfu_text(train.get("mfu"))),
-        ("Throughput", f"{count(train.get('tok_per_sec'))} tok/s"),
+        ("Final training loss (EMA)", human("final_loss", train.get("final_loss"))),
+        ("Val BPB in the loop (final / min)",
+         f"{human('val_bpb', train.get('val_bpb'))} / {human('val_bpb', train.get('min_val_bpb'))} "
+         f"({budget(train_bpb_tokens(inputs), TRAIN_BPB_BUDGET)}; the evaluation below is the official figure)"),
+        ("MFU", human("mfu", train.get("mfu"))),
+        ("Throughput", f"{human('tok_per_sec', train.get('tok_per_sec'))} tok/s"),
         ("Training time", duration(train.get("train_seconds"))),
         ("Peak memory", nbytes(finite(train.get("peak_memory_mb")) * 2**20) if finite(train.get("peak_memory_mb")) is not None else NA),
     ])
@@ -371,20 +416,26 @@ def section_training(doc: Doc, inputs: Inputs, out_dir: Path, figures: list[str]
     steps = inputs.get("steps")
     if steps:
         x = steps.get("step", [])
-        if plots.training_loss(x, steps.get("loss", []), steps.get("loss_ema", []), out_dir / "loss.png"):
-            doc.image("loss.png", "Training loss, raw and EMA")
+        if plots.training_loss(x, steps.get("loss", []), steps.get("loss_ema", []), out_dir / _fig("loss.png")):
+            doc.image(_fig("loss.png"), "Training loss, raw and EMA")
             figures.append("loss.png")
-        if plots.schedule_and_throughput(x, steps.get("lr_mult", []), steps.get("tok_per_sec", []), out_dir / "schedule.png"):
-            doc.image("schedule.png", "Learning-rate multiplier and throughput")
+        if plots.schedule_and_throughput(x, steps.get("lr_mult", []), steps.get("tok_per_sec", []),
+                                         out_dir / _fig("schedule.png")):
+            doc.image(_fig("schedule.png"), "Learning-rate multiplier and throughput")
             figures.append("schedule.png")
     else:
         doc.note(inputs.missing("steps") or "`steps.csv` is empty: no per-step curves.")
     val = inputs.get("val")
-    if val and plots.val_bpb(val.get("step", []), val.get("flops", []), val.get("val_bpb", []), out_dir / "val_bpb.png"):
-        doc.image("val_bpb.png", "Validation bits per byte against step and against training FLOPs")
+    if val and plots.val_bpb(val.get("step", []), val.get("flops", []), val.get("val_bpb", []), out_dir / _fig("val_bpb.png")):
+        doc.image(_fig("val_bpb.png"), "Validation bits per byte in the training loop "
+                  f"({budget(train_bpb_tokens(inputs), TRAIN_BPB_BUDGET)}) against step and against training FLOPs")
         figures.append("val_bpb.png")
     elif not val:
         doc.note(inputs.missing("val") or "`val.csv` is empty: no validation curve (train.eval_every = 0?).")
+
+
+def _fig(name: str) -> str:
+    return f"{FIGURES}/{name}"
 
 
 def _scalar_rows(tree: dict) -> list[tuple[str, str]]:
@@ -434,9 +485,10 @@ def section_evaluation(doc: Doc, inputs: Inputs, out_dir: Path, figures: list[st
         return
     ev = inputs.get("eval")
     doc.kv([
-        ("CORE", sig(ev.get("core"))),
-        ("Val BPB", sig(ev.get("val_bpb"))),
-        ("Train BPB", sig(ev.get("train_bpb"))),
+        ("CORE", human("core", ev.get("core"))),
+        ("Val BPB", f"{human('val_bpb', ev.get('val_bpb'))} ({budget(ev.get('val_bpb_tokens'), EVAL_BPB_BUDGET)})"),
+        ("Train BPB", f"{human('train_bpb', ev.get('train_bpb'))} "
+                      f"({budget(ev.get('train_bpb_tokens'), EVAL_BPB_BUDGET + ', from the train shards')})"),
         ("Evaluation time", duration(ev.get("eval_seconds"))),
     ])
     tasks = _tasks(inputs)
@@ -446,8 +498,9 @@ def section_evaluation(doc: Doc, inputs: Inputs, out_dir: Path, figures: list[st
                  sig(t.get("random_baseline")) + ("%" if finite(t.get("random_baseline")) is not None else ""),
                  count(t.get("items")), duration(t.get("seconds"))] for t in tasks]
         doc.table(["task", "accuracy", "centered", "random baseline", "items", "time"], rows)
-        if plots.core_tasks([t["task"] for t in tasks], [finite(t.get("centered")) for t in tasks], finite(ev.get("core")), out_dir / "core.png"):
-            doc.image("core.png", "CORE: centered accuracy per task")
+        if plots.core_tasks([t["task"] for t in tasks], [finite(t.get("centered")) for t in tasks], finite(ev.get("core")),
+                            out_dir / _fig("core.png")):
+            doc.image(_fig("core.png"), "CORE: centered accuracy per task")
             figures.append("core.png")
     else:
         doc.note("No per-task CORE results (" + (inputs.missing("core") or "core.csv is empty") + ")")
@@ -459,7 +512,7 @@ def section_evaluation(doc: Doc, inputs: Inputs, out_dir: Path, figures: list[st
     conditional = samples.get("conditional") or []
     free = samples.get("unconditioned") or []
     if conditional:
-        doc.text("Greedy continuations (the prompt, then ⟶ where the model takes over):")
+        doc.text(f"Greedy continuations (the prompt, then {SAMPLE_MARK} where the model takes over):")
         for s in conditional:
             doc.sample(str(s.get("prompt", "")), str(s.get("completion", "")))
     if free:
@@ -488,9 +541,12 @@ def section_comparison(doc: Doc, inputs: Inputs, history: History | None, why_no
     for note in history.notes:
         doc.note(note)
     this = headline(inputs)
-    others = ([history.champion] if history.champion else []) + history.previous
+    # a champion that is this very run compares with itself (every delta 0): leave it out
+    champion = history.champion if history.champion and not history.champion_is_current else None
+    others = ([champion] if champion else []) + history.previous
     if not others:
-        doc.note("No earlier finished train runs in MLflow to compare with: this is the first.")
+        doc.note("First run, nothing to compare: no earlier finished train runs in MLflow"
+                 + (" (the champion is this run)." if history.champion_is_current else "."))
         return
     keys = [(k, label, better) for k, label, better in HEADLINE]
     headers = ["run"] + [label + {"lower": " ↓", "higher": " ↑"}.get(better or "", "") for _, label, better in keys]
@@ -505,13 +561,14 @@ def section_comparison(doc: Doc, inputs: Inputs, history: History | None, why_no
             delta = fmt_delta(key, ours - theirs) if ours is not None else NA
             row.append(f"{fmt_metric(key, theirs)} (Δ {delta})")
         rows.append(row)
-    doc.text("Δ = this run minus that run. ↓: lower is better, ↑: higher is better.")
+    doc.text(f"Δ = this run minus that run. ↓: lower is better, ↑: higher is better. Val BPB is the evaluate "
+             f"stage's ({EVAL_BPB_BUDGET}); n/a where a run was not evaluated.")
     doc.table(headers, rows)
     steps = inputs.get("steps") or {}
     curves = [("this run", steps.get("step", []), steps.get("loss", []))]
     curves += [(p.label, p.loss_steps, p.loss) for p in others]
-    if plots.loss_overlay(curves, out_dir / "compare_loss.png"):
-        doc.image("compare_loss.png", "Training loss of this run and earlier runs (same EMA smoothing for all)")
+    if plots.loss_overlay(curves, out_dir / _fig("compare_loss.png")):
+        doc.image(_fig("compare_loss.png"), "Training loss of this run and earlier runs (same EMA smoothing for all)")
         figures.append("compare_loss.png")
 
 
@@ -523,7 +580,11 @@ def build(inputs: Inputs, cfg: ReportConfig, out_dir: Path, machine: dict, histo
     """Write the PNGs into out_dir and return the document, header facts and figure names."""
     doc = Doc("nanoforge run report")
     figures: list[str] = []
-    facts = section_header(doc, inputs, machine, cfg, run_urls)
+    (out_dir / FIGURES).mkdir(exist_ok=True)
+    spend = cost(inputs.get("train", {}), machine, cfg)
+    numbers = section_summary(doc, inputs, spend)
+    facts = section_header(doc, inputs, machine, cfg, run_urls, spend)
+    facts["summary"] = numbers
     for name, section in (
         ("Data", lambda: section_data(doc, inputs)),
         ("Tokenizer", lambda: section_tokenizer(doc, inputs)),
@@ -550,7 +611,10 @@ def _readable(directory: Path) -> None:
     os.umask(umask)
     directory.chmod(0o777 & ~umask)
     for path in directory.iterdir():
-        path.chmod(0o666 & ~umask)
+        if path.is_dir():
+            _readable(path)
+        else:
+            path.chmod(0o666 & ~umask)
 
 
 def read_history(cfg: ReportConfig, train_run_id: str | None, inputs: Inputs) -> tuple[History | None, str | None]:
@@ -568,6 +632,7 @@ def write_reports(inputs: Inputs, cfg: ReportConfig, machine: dict, history: His
     with atomic_dir(REPORTS_DIR) as out_dir:
         doc, facts, figures = build(inputs, cfg, out_dir, machine, history, history_note, run_urls)
         write_report(doc, out_dir)
+        write_json(out_dir / SUMMARY_FILE.name, {k: v for k, v in facts["summary"].items() if v is not None})
         _readable(out_dir)
     return facts, figures
 
@@ -576,6 +641,8 @@ def summary_markdown(numbers: dict) -> str:
     keys = [(k, label) for k, label, _ in HEADLINE] + [("cost_usd", "training cost")]
     lines = ["| metric | value |", "|---|---:|"]
     for key, label in keys:
-        value = numbers.get(key)
-        lines.append(f"| {label} | {usd(value) if key == 'cost_usd' else fmt_metric(key, value)} |")
+        text = fmt_metric(key, numbers.get(key))
+        if key == "val_bpb" and numbers.get(key) is not None:
+            text += f" ({budget(numbers.get('val_bpb_tokens'), EVAL_BPB_BUDGET)})"
+        lines.append(f"| {label} | {text} |")
     return "\n".join(lines)

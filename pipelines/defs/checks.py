@@ -132,6 +132,12 @@ def bpb_vs_champion(inp: CheckInput) -> tuple[bool, str, dict]:
         return True, f"champion unknown ({type(exc).__name__}: {exc})", {"val_bpb": float(bpb)}
     if not champ or not _finite(champ.get("val_bpb")):
         return True, f"no champion of {inp.pipeline.registered_model} yet", {"val_bpb": float(bpb)}
+    from nanoforge.registry import model_md5
+
+    current = model_md5(inp.root)
+    if current and champ.get("model_md5") == current:  # registered from this very model: comparing it with itself says nothing
+        return True, (f"the champion (v{champ['version']}) is this model (same DVC hash of artifacts/model): "
+                      "nothing to compare"), {"val_bpb": float(bpb), "champion_version": champ["version"]}
     tol = inp.pipeline.bpb_tolerance
     meta = {"val_bpb": float(bpb), "champion_val_bpb": float(champ["val_bpb"]), "champion_version": champ["version"],
             "tolerance": tol}
@@ -143,7 +149,9 @@ def bpb_vs_champion(inp: CheckInput) -> tuple[bool, str, dict]:
 
 def core_present(inp: CheckInput) -> tuple[bool, str, dict]:
     metrics = inp.json("artifacts/eval/metrics.json") or {}
-    core, tasks = metrics.get("core"), metrics.get("tasks") or {}
+    # per-task results live in details.json (metrics.json keeps the compared numbers only)
+    details = inp.json("artifacts/eval/details.json") or {}
+    core, tasks = metrics.get("core"), details.get("tasks") or metrics.get("tasks") or {}
     if not _finite(core) or not tasks:
         return False, f"core is {core!r} over {len(tasks)} tasks", {}
     return True, f"CORE {core:.4f} over {len(tasks)} tasks", {"core": float(core), "tasks": len(tasks)}

@@ -6,7 +6,11 @@ Notable:
   the tokenizer's compression table) becomes a markdown table, and every `plots:`
   file with x/y becomes a PNG embedded in markdown (the UI renders data URIs).
 - The same metadata is attached whether the stage ran or DVC skipped it as up to
-  date, so a no-op materialization still says what the asset holds.
+  date, so a no-op materialization still says what the asset holds (the report's
+  headline numbers come from its reports/summary.json; an HTML output gets a path).
+- Numbers are rounded for people by nanoforge/formats.py, the same helper as the
+  report and the terminal (val BPB to 4 decimals, MFU as `mfu_percent`); the files
+  keep full precision. `humanize()` does the same to what a stage reports over Pipes.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 import dagster as dg
 
+from nanoforge.formats import for_dagster, human, kind_of
 from pipelines.dvc_graph import Stage
 
 MAX_TABLE_ROWS = 60
@@ -28,6 +33,7 @@ MAX_SCALARS = 40  # per metrics file; the UI is for people
 
 
 def _number(value: Any) -> dg.MetadataValue | None:
+    """A number as metadata; round it with formats.for_dagster first."""
     if isinstance(value, bool):
         return dg.MetadataValue.bool(value)
     if isinstance(value, int):
@@ -37,9 +43,9 @@ def _number(value: Any) -> dg.MetadataValue | None:
     return None
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}" if math.isfinite(value) else str(value)
+def _fmt(value: Any, key: str = "") -> str:
+    if isinstance(value, float):  # a known quantity as everywhere else; anything else to 4 significant digits
+        return human(key, value) if kind_of(key) != "number" else f"{value:.4g}"
     if value is None:
         return "—"
     return str(value).replace("|", "\\|").replace("\n", " ")
@@ -62,7 +68,7 @@ def records_table(records: dict[str, dict], label: str = "name") -> str:
         if i == MAX_TABLE_ROWS:
             lines.append(f"| … {len(records) - MAX_TABLE_ROWS} more | " + " | ".join("" for _ in columns) + " |")
             break
-        lines.append(f"| {_fmt(name)} | " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
+        lines.append(f"| {_fmt(name)} | " + " | ".join(_fmt(row.get(c), c) for c in columns) + " |")
     return "\n".join(lines)
 
 
@@ -78,16 +84,17 @@ def metrics_metadata(path: Path) -> dict[str, dg.MetadataValue]:
     for key, value in data.items():
         if len(out) >= MAX_SCALARS:
             break
-        if (mv := _number(value)) is not None:
-            out[key] = mv
+        if (mv := _number(for_dagster(key, value)[1])) is not None:
+            out[for_dagster(key, value)[0]] = mv
         elif isinstance(value, str) and len(value) <= 200:
             out[key] = dg.MetadataValue.text(value)
         elif is_records(value):
             out[f"{key}_table"] = dg.MetadataValue.md(records_table(value, label=key.rstrip("s") or key))
         elif isinstance(value, dict):
             for sub, subvalue in value.items():
-                if (mv := _number(subvalue)) is not None:
-                    out[f"{key}.{sub}"] = mv
+                name, number = for_dagster(f"{key}.{sub}", subvalue)
+                if (mv := _number(number)) is not None:
+                    out[name] = mv
     return out
 
 
@@ -162,11 +169,28 @@ def plot_metadata(stage: Stage, root: Path) -> dict[str, dg.MetadataValue]:
     return out
 
 
+def humanize(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Raw numbers (e.g. what a stage reported over Pipes) rounded for people, MFU as `mfu_percent`."""
+    out: dict[str, Any] = {}
+    for key, value in metadata.items():
+        raw = getattr(value, "value", value) if isinstance(value, dg.FloatMetadataValue) else value
+        name, number = for_dagster(key, raw)
+        out[name] = number if number is not raw else value
+    return out
+
+
+def html_metadata(stage: Stage, root: Path) -> dict[str, dg.MetadataValue]:
+    """Each HTML output as a path (the report's `report_html`), so an up-to-date report still links its page."""
+    return {f"{Path(o.path).stem}_html": dg.MetadataValue.path(str((root / o.path).resolve()))
+            for o in stage.outs if o.path.endswith(".html") and (root / o.path).exists()}
+
+
 def stage_metadata(stage: Stage, root: Path) -> dict[str, dg.MetadataValue]:
     out: dict[str, dg.MetadataValue] = {}
     for metric in stage.outs_of("metric"):
         path = root / metric.path
         if path.suffix in (".json",) and path.exists():
             out.update(metrics_metadata(path))
+    out.update(html_metadata(stage, root))
     out.update(plot_metadata(stage, root))
     return out

@@ -703,3 +703,36 @@ def test_an_unresolvable_host_fails_fast_with_the_mirror_hint(monkeypatch):
     with pytest.raises(fetch.FetchError, match=r"cannot resolve host 'mirror\.example'.*NANOFORGE_MIRROR"):
         fetch.probe("http://mirror.example/shard_00000.parquet", timeout=5)
     assert time.monotonic() - t0 < 5  # no retries, no backoff
+
+
+def test_a_failed_dvc_add_leaves_data_dvc_as_it_was(tmp_path, monkeypatch):
+    # issue 18.10: on a full cache `dvc add` fails (at times with "ERROR: failed to transfer" and exit 0)
+    # after writing a data.dvc that names objects the cache does not hold
+    from tests.test_checkpoint import tmpfs
+
+    project = tmp_path / "p"
+    project.mkdir()
+    run("git init -q && git config user.email t@t && git config user.name t", project)
+    run([tool("dvc"), "init", "-q"], project)
+    monkeypatch.chdir(project)
+    with tmpfs(tmp_path / "cache", "1m") as cache:
+        run([tool("dvc"), "cache", "dir", str(cache)], project)
+        (project / "data").mkdir()
+        (project / "data/small.txt").write_text("fits")
+        assert download.dvc_add("data")["status"] == "added"
+        good = (project / "data.dvc").read_text()
+        (project / "data/big.bin").write_bytes(os.urandom(3 << 20))  # does not fit in the cache
+        with pytest.raises(download.DownloadError, match=r"`dvc add data` failed \(exit \d+: ERROR: .*No space left.*\); "
+                                                         r"data.dvc was put back as it was\. The data itself is complete"
+                                                         r".*`dvc cache dir`"):
+            download.dvc_add("data")
+        assert (project / "data.dvc").read_text() == good
+        (project / "data/big.bin").rename(tmp_path / "big.bin")
+        status = run([tool("dvc"), "status", "data.dvc"], project).stdout
+        assert "up to date" in status and "not in cache" not in status, status  # data.dvc matches the cache
+        # with no data.dvc before, none is left behind
+        (project / "data.dvc").unlink()
+        (tmp_path / "big.bin").rename(project / "data/big.bin")
+        with pytest.raises(download.DownloadError, match=r"; no data.dvc was written\."):
+            download.dvc_add("data")
+        assert not (project / "data.dvc").exists()

@@ -23,7 +23,9 @@ Notable:
   re-running against another mirror with identical bytes leaves data/ and data.dvc as
   they were.
 - After success, `dvc add data` writes data.dvc (so it changes exactly when data/
-  does). Outside a DVC repo, or without dvc, that is a warning, not a failure.
+  does). Outside a DVC repo, or without dvc, that is a warning, not a failure. When
+  `dvc add` fails (even with exit 0, as on a full cache), data.dvc is put back as it was,
+  so it never names objects the cache does not hold.
 - `--only-shards` downloads just those shards: no bundle, no manifest, no dvc add.
   A full run afterwards, or `finalize(cfg)` from Python, does those; that is how
   the orchestrator runs one partition per shard and versions once at the end.
@@ -498,6 +500,33 @@ def find_dvc() -> str | None:
     return str(beside) if beside.exists() else None
 
 
+def _dvc_add_problem(exe: str, proc: subprocess.CompletedProcess, dvc_file: Path, env: dict) -> str:
+    """Why a `dvc add` did not leave the data in the cache ('' if it did).
+
+    dvc 3 exits 0 after "ERROR: failed to transfer ... No space left on device" and still
+    writes the .dvc file, so the exit code is not enough: `dvc status` must not say
+    "not in cache" either.
+    """
+    errors = [line for line in (proc.stderr + proc.stdout).splitlines() if line.startswith("ERROR")]
+    if proc.returncode != 0 or errors:
+        said = errors[0] if errors else ((proc.stderr or proc.stdout).strip().splitlines() or ["no output"])[-1]
+        return f"exit {proc.returncode}: {said.strip()[:500]}"
+    status = subprocess.run([exe, "status", "--json", str(dvc_file)], capture_output=True, text=True, env=env)
+    if status.returncode != 0 or "not in cache" in status.stdout:
+        return f"`dvc status {dvc_file}` after it: {(status.stdout or status.stderr).strip()[:500]}"
+    return ""
+
+
+def _restore(dvc_file: Path, before: bytes | None) -> None:
+    """data.dvc as it was before `dvc add` (absent if it was absent), replaced atomically."""
+    if before is None:
+        dvc_file.unlink(missing_ok=True)
+        return
+    tmp = dvc_file.with_name(f".{dvc_file.name}.restore.tmp")
+    tmp.write_bytes(before)
+    os.replace(tmp, dvc_file)
+
+
 def dvc_add(target: str | Path = DATA_DIR) -> dict:
     """`dvc add <target>` -> {status: added|skipped, changed, md5, reason}. Warns (no error) outside a DVC repo."""
     target = Path(target)
@@ -513,12 +542,19 @@ def dvc_add(target: str | Path = DATA_DIR) -> dict:
     dvc_file = target.with_name(target.name + ".dvc")
     before = dvc_file.read_bytes() if dvc_file.exists() else None
     start = time.monotonic()
-    proc = subprocess.run([exe, "add", str(target)], capture_output=True, text=True,
-                          env={**os.environ, "DVC_NO_ANALYTICS": "1"})
-    if proc.returncode != 0:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    problem = "interrupted"
+    try:
+        proc = subprocess.run([exe, "add", str(target)], capture_output=True, text=True, env=env)
+        problem = _dvc_add_problem(exe, proc, dvc_file, env)
+    finally:
+        if problem:  # never leave a data.dvc that names objects the cache does not hold
+            _restore(dvc_file, before)
+    if problem:
+        restored = f"{dvc_file} was put back as it was" if before is not None else f"no {dvc_file} was written"
         raise DownloadError(
-            f"`dvc add {target}` failed (exit {proc.returncode}); the data itself is complete, "
-            f"fix the problem and run `dvc add {target}`:\n{(proc.stderr or proc.stdout).strip()[-2000:]}"
+            f"`dvc add {target}` failed ({problem}); {restored}. The data itself is complete: fix that "
+            f"(a full or read-only DVC cache: `dvc cache dir` shows where it is), then run `dvc add {target}`"
         )
     after = dvc_file.read_bytes() if dvc_file.exists() else None
     md5 = None

@@ -47,6 +47,23 @@ class RegisterError(RuntimeError):
     """Missing inputs, or a registry that cannot be reached."""
 
 
+NEEDS_MLFLOW = "register needs MLflow (the model registry is MLflow's; every other stage runs untracked without it)"
+
+
+def require_mlflow() -> None:
+    """Refuse before any work when tracking is off or the server does not answer: one line naming the setting."""
+    import os
+
+    from nanoforge.tracking import _reachable
+
+    if os.environ.get("NANOFORGE_TRACKING", "on") == "off":
+        raise RegisterError(f"{NEEDS_MLFLOW}, but NANOFORGE_TRACKING=off: unset it to register the model")
+    uri = tracking_uri()
+    if not _reachable(uri):
+        raise RegisterError(f"{NEEDS_MLFLOW}, but MLFLOW_TRACKING_URI={uri} does not answer: start that server, "
+                            "or unset MLFLOW_TRACKING_URI to use the embedded store (mlflow.db)")
+
+
 # --- the model as MLflow serves it
 
 try:

@@ -12,7 +12,7 @@ import sys
 from nanoforge import pipes
 from nanoforge.common import get_logger
 from nanoforge.config import ConfigError, load_params, stage_parser
-from nanoforge.registry import RegisterError, check_inputs, register_and_decide
+from nanoforge.registry import NEEDS_MLFLOW, RegisterError, check_inputs, register_and_decide, require_mlflow
 from nanoforge.tracking import stage_run, tracking_uri
 
 log = get_logger("register")
@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_params(args.params, args.overrides, section="pipeline").pipeline
         print("[register] resolved config:\n  registered_model: " + cfg.registered_model, flush=True)
         candidate = check_inputs()
+        require_mlflow()  # a registry is MLflow's: no MLflow, no registration (tracking elsewhere is only a warning)
     except (ConfigError, RegisterError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -33,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stage_run("register", {"registered_model": name}) as run:
             if not run.enabled:
-                raise RegisterError(f"MLflow tracking at {tracking_uri()} is off or unreachable: cannot register the model")
+                raise RegisterError(f"{NEEDS_MLFLOW}, but MLflow at {tracking_uri()} failed to start a run (the warning "
+                                    "above says why): fix it, or point MLFLOW_TRACKING_URI at a server that works")
             decision = register_and_decide(run, name, candidate)
     except RegisterError as exc:
         print(f"error: {exc}", file=sys.stderr)

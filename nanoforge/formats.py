@@ -158,6 +158,8 @@ def human(key: str, value: Any) -> str:
     if isinstance(value, bool) or isinstance(value, str):
         return str(value)
     kind = kind_of(key)
+    if kind == "number" and isinstance(value, int):  # counts, versions, sizes: exact, with separators
+        return count(value)
     value = finite(value) if kind != "number" else value
     if value is None:
         return NA

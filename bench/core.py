@@ -1,33 +1,42 @@
-"""CORE scoring speed on CPU: items per second, packed batches vs one forward per item vs per option.
+"""CORE and BPB evaluation speed, nanochat's evaluator vs ours, same model, same items, this CPU.
 
-    python -m bench.core                      # tiny preset model, 40 items per task
-    python -m bench.core --items 100 --depth 4 --threads 2
+    python -m bench.core --against /path/to/nanochat          # a checkout of karpathy/nanochat
+    python -m bench.core --against ../nanochat --items 50 --rounds 3 --context 256
 
 Notable:
-- The model is the tiny preset's shape (depth 4, context 256, vocab 4096), randomly
-  initialised: speed does not depend on what the weights learned. The tokenizer is
-  trained on /work/shared/data/fineweb_sample (generated text when absent).
-- Tasks: the real bundle in /work/shared/data/eval_bundle when present (five tasks
-  of all three types, few-shot prompts cropped to the context as in the stage), else
-  the generated toy bundle of tests/datagen.py.
-- Three ways to run the same rows through the model:
-  packed = stages.core as the stage runs it (rows of many items sorted by length,
-  up to device_batch_size contexts per forward); per_item = nanochat's loop (one
-  padded forward holding the options of one item); per_option = one forward per
-  option. All three must give the same accuracy; the table shows items/s and the
-  speed-up of packing.
-- What to expect on a CPU: the three are close (measured within ~10% with one
-  thread). The forward is compute-bound there, so fewer, larger forwards save
-  little, and very large batches lose some speed to cache misses on the logits.
-  Packing is for GPUs, where one small forward per item leaves the device idle.
-- Writes bench/results/core.json. Other processes share the CPU: the best of
-  `--repeats` is reported, with the load average.
+- nanochat's own code is imported from the checkout (`nanochat.core_eval.evaluate_example`,
+  `nanochat.loss_eval.evaluate_bpb`) and given OUR model and tokenizer behind thin
+  adapters (nanochat's call conventions), so both evaluators score the same weights on
+  the same items: the comparison is of the evaluators, not of the models.
+- The model is nanoforge's GPT at the tiny preset's shape (depth 4, context 256, vocab
+  4096), randomly initialised with every matrix non-zero (nanochat's init zeroes the
+  output projections and the head, which would make every option tie). Speed does not
+  depend on what the weights learned. The tokenizer is trained on the FineWeb sample
+  (generated text when absent).
+- Tasks: every task of the real bundle (../shared/data/eval_bundle) when present, else
+  the generated toy bundle of tests/datagen.py; `--items` per task, nanochat's shuffle.
+- Rows longer than `--context` keep their last tokens in both evaluators (nanochat crops
+  when the model has `max_seq_len`; the stage crops to the model's context). Cropped
+  options of different lengths start at different tokens, so they share nothing.
+- Per task: nanochat's evaluator and ours alternate, `--rounds` times (the best round of
+  each is reported, and every round's seconds are kept). Per-item decisions are checked
+  three ways: nanochat vs ours, and ours with vs without prefix sharing; every
+  difference is listed with its margin (the gap between the two best mean losses, or
+  for LM the smallest top-2 logit gap over the span) and called a tie when the margin
+  is within `TIE_TOLERANCE`.
+- Token share saved per task type: 1 - forwarded tokens / the tokens of every option's
+  full row; also against what nanochat forwards (each item's options padded to the
+  longest).
+- Other processes share the CPU: the load average is printed and saved with the numbers.
+- Writes bench/results/core.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,13 +44,14 @@ from pathlib import Path
 import torch
 
 from nanoforge.common import write_json
-from nanoforge.evaluation.core import build_rows, load_bundle, prepare_items, score_rows
+from nanoforge.evaluation import core, prefix
 from nanoforge.runtime import Runtime
 
-REAL_BUNDLE = Path("/work/shared/data/eval_bundle")
-SAMPLE_DIR = Path("/work/shared/data/fineweb_sample")
-REAL_TASKS = ["hellaswag_zeroshot", "arc_easy", "piqa", "winogrande", "lambada_openai"]
-RESULTS = Path("bench/results/core.json")
+REPO = Path(__file__).resolve().parents[1]
+REAL_BUNDLE = REPO.parent / "shared" / "data" / "eval_bundle"
+SAMPLE_DIR = REPO.parent / "shared" / "data" / "fineweb_sample"
+RESULTS = REPO / "bench" / "results" / "core.json"
+TIE_TOLERANCE = 1e-4  # mean-loss (nats) or logit gap below which two choices are a float tie
 
 
 def tokenizer(vocab_size: int):
@@ -51,124 +61,257 @@ def tokenizer(vocab_size: int):
     if files:
         from nanoforge.data.shards import iter_documents
 
-        return train_bpe(iter_documents(files), vocab_size), f"{SAMPLE_DIR}"
+        return train_bpe(iter_documents(files[:1]), vocab_size), f"{files[0]}"
     from tests.datagen import make_documents
 
     return train_bpe(make_documents(3000, seed=0), vocab_size), "generated text"
 
 
-def tasks(tmp: Path):
+def load_tasks(tmp: Path):
     if REAL_BUNDLE.exists():
-        found, _ = load_bundle(REAL_BUNDLE, REAL_TASKS)
-        return found, f"{REAL_BUNDLE} ({', '.join(REAL_TASKS)})"
+        found, skipped = core.load_bundle(REAL_BUNDLE, skip_bad=True)
+        return found, f"{REAL_BUNDLE} ({len(found)} tasks)"
     from tests.datagen import make_eval_bundle
 
-    found, _ = load_bundle(make_eval_bundle(tmp / "bundle", items_per_task=200))
+    found, _ = core.load_bundle(make_eval_bundle(tmp / "bundle", items_per_task=200))
     return found, "generated toy bundle"
 
 
-def score(model, rows, bos, runtime, mode: str, batch_tokens: int):
-    if mode == "packed":
-        return score_rows(model, rows, bos, runtime, batch_tokens)
-    if mode == "per_option":
-        return score_rows(model, rows, bos, runtime, batch_tokens, max_rows=1)
-    # per_item: nanochat's loop, one forward with the options of one item
-    mean_loss, exact = [0.0] * len(rows), [False] * len(rows)
-    start = 0
-    while start < len(rows):
-        end = start
-        while end < len(rows) and rows[end][0] == rows[start][0]:
-            end += 1
-        m, e = score_rows(model, rows[start:end], bos, runtime, 10**9)
-        mean_loss[start:end], exact[start:end] = m, e
-        start = end
-    return mean_loss, exact
+class NanochatModel:
+    """Our GPT with nanochat's call conventions: model(ids), max_seq_len, get_device()."""
+
+    def __init__(self, model, max_seq_len):
+        self.model, self.max_seq_len = model, max_seq_len
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def get_device(self):
+        return self.model.lm_head.weight.device
 
 
-def accuracy(task, data, rows, mean_loss, exact) -> float:
-    best, correct = {}, 0
+class NanochatTokenizer:
+    def __init__(self, tok):
+        self.tok = tok
+
+    def __call__(self, texts, prepend=None):
+        return self.tok.encode(texts, prepend=prepend)
+
+    def get_bos_token_id(self):
+        return self.tok.bos_id
+
+
+def import_nanochat(path: Path):
+    if not (path / "nanochat" / "core_eval.py").exists():
+        raise SystemExit(f"--against {path}: no nanochat/core_eval.py there; point it at a karpathy/nanochat checkout")
+    sys.path.insert(0, str(path))
+    return importlib.import_module("nanochat.core_eval"), importlib.import_module("nanochat.loss_eval")
+
+
+def random_model(depth: int, vocab: int, seq: int):
+    from nanoforge.model.gpt import build_model, config_for_depth
+
+    torch.manual_seed(0)
+    model = build_model(config_for_depth(depth, vocab, seq), "cpu")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "wte" not in name:
+                p.normal_(0, 1.0 / p.size(1) ** 0.5)  # every matrix non-zero: options must differ
+    return model.eval()
+
+
+def nanochat_items(nc, model, tok, task, data, max_len) -> tuple[list[bool], float]:
+    """nanochat's evaluate_task loop, one rank: per-item correctness and seconds."""
+    meta = {"task_type": task.kind, "num_fewshot": task.num_fewshot, "continuation_delimiter": task.delimiter}
+    view, ntok = NanochatModel(model, max_len), NanochatTokenizer(tok)
+    t0 = time.perf_counter()
+    correct = [bool(nc.evaluate_example(i, view, ntok, data, "cpu", meta)) for i in range(len(data))]
+    return correct, time.perf_counter() - t0
+
+
+def decisions(task, data, rows, mean_loss, exact):
+    """Per item: (correct, chosen option); and per item the rows' mean losses."""
+    out, losses = [], {}
     for r, (i, option, *_rest) in enumerate(rows):
+        losses.setdefault(i, []).append(mean_loss[r])
+    for i in range(len(data)):
         if task.kind == "language_modeling":
-            correct += exact[r]
-        elif i not in best or mean_loss[r] < best[i][0]:
-            best[i] = (mean_loss[r], option)
-    correct += sum(option == data[i]["gold"] for i, (_, option) in best.items())
-    return correct / len(data)
+            r = next(r for r, row in enumerate(rows) if row[0] == i)
+            out.append((exact[r], 0))
+        else:
+            ls = losses[i]
+            choice = ls.index(min(ls))
+            out.append((choice == data[i]["gold"], choice))
+    return out, losses
+
+
+@torch.no_grad()
+def lm_margin(model, row) -> float:
+    """Smallest top-1 minus top-2 logit gap over an LM row's span (full forward)."""
+    tokens, start, end = row[2], row[3], row[4]
+    logits = model(torch.tensor([tokens]))[0, start - 1: end - 1]
+    top = logits.topk(2, dim=-1).values
+    return float((top[:, 0] - top[:, 1]).min())
+
+
+def margin(losses: list[float]) -> float:
+    ordered = sorted(losses)
+    return ordered[1] - ordered[0]
+
+
+def check_task(model, tok, task, data, max_len, batch_tokens, runtime, nanochat_correct):
+    """Decisions of the shared and the full scoring, and every difference (with nanochat's) with its margin."""
+    rows = core.build_rows(task, data, range(len(data)), tok, max_len, {})
+    full_loss, full_exact = core.score_rows(model, rows, tok.bos_id, runtime, batch_tokens)
+    shared_loss, shared_exact, tokens = prefix.score_rows_shared(model, rows, tok.bos_id, runtime, batch_tokens)
+    full, losses = decisions(task, data, rows, full_loss, full_exact)
+    shared, _ = decisions(task, data, rows, shared_loss, shared_exact)
+    diffs = []
+    for i in range(len(data)):
+        against = [name for name, ok in (("full_forward", full[i] != shared[i]),
+                                         ("nanochat", nanochat_correct[i] != shared[i][0])) if ok]
+        if not against:
+            continue
+        if task.kind == "language_modeling":
+            m = lm_margin(model, next(r for r in rows if r[0] == i))
+        else:
+            m = margin(losses[i])
+        diffs.append({"task": task.label, "item": i, "differs_from": against, "margin": m, "tie": m <= TIE_TOLERANCE})
+    worst = max(abs(a - b) for a, b in zip(full_loss, shared_loss))
+    nanochat_tokens = 0  # nanochat pads each item's options to the longest
+    for i in range(len(data)):
+        lens = [len(r[2]) for r in rows if r[0] == i]
+        nanochat_tokens += len(lens) * max(lens)
+    tokens["nanochat_tokens"] = nanochat_tokens
+    return diffs, worst, tokens
+
+
+def bench_bpb(nl, model, tok, seq: int, batch: int, rows_n: int, rounds: int) -> dict:
+    """nanochat's evaluate_bpb vs ours on the same rows of the same model: seconds and the two numbers."""
+    from nanoforge.evaluation.bpb import evaluate_bpb
+
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.randint(0, tok.vocab_size, (rows_n, seq + 1), generator=gen)
+    batches = [(rows[i: i + batch, :-1].contiguous(), rows[i: i + batch, 1:].contiguous()) for i in range(0, rows_n, batch)]
+    token_bytes = tok.token_bytes
+    runtime = Runtime(torch.device("cpu"), torch.float32)
+    best = {"nanochat": float("inf"), "ours": float("inf")}
+    values = {}
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        values["nanochat"] = nl.evaluate_bpb(NanochatModel(model, None), batches, len(batches), token_bytes)
+        best["nanochat"] = min(best["nanochat"], time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        values["ours"] = evaluate_bpb(model, iter(batches), token_bytes, runtime)
+        best["ours"] = min(best["ours"], time.perf_counter() - t0)
+    tokens = rows_n * seq
+    return {"tokens": tokens, "seconds": best, "tokens_per_s": {k: tokens / v for k, v in best.items()},
+            "bpb": values, "speedup": best["nanochat"] / best["ours"]}
+
+
+def by_type(per_task: list[dict]) -> dict:
+    out = {}
+    for kind in core.TASK_TYPES:
+        rows = [t for t in per_task if t["kind"] == kind]
+        if not rows:
+            continue
+        items = sum(t["items"] for t in rows)
+        nano_s, ours_s = sum(t["nanochat_s"] for t in rows), sum(t["ours_s"] for t in rows)
+        row_t, fwd_t, nano_t = (sum(t["tokens"][k] for t in rows) for k in ("row_tokens", "packed_tokens", "nanochat_tokens"))
+        out[kind] = {"tasks": len(rows), "items": items, "nanochat_items_per_s": items / nano_s,
+                     "ours_items_per_s": items / ours_s, "speedup": nano_s / ours_s,
+                     "tokens_saved_vs_full_rows": 1 - fwd_t / row_t, "tokens_saved_vs_nanochat": 1 - fwd_t / nano_t}
+    return out
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--items", type=int, default=40, help="items per task")
+    parser.add_argument("--against", type=Path, required=True, help="a karpathy/nanochat checkout")
+    parser.add_argument("--items", type=int, default=50, help="items per task")
     parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--seq", type=int, default=256, help="the model's training context")
+    parser.add_argument("--context", type=int, default=None, help="crop rows to this many tokens (default: --seq)")
     parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--batch", type=int, default=8, help="device_batch_size: contexts per packed forward")
+    parser.add_argument("--batch", type=int, default=8, help="device_batch_size: batch_tokens = batch * seq")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tasks", default=None, help="comma-separated labels (default: every task)")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--device", default="cpu", help="cpu (the issue's number), or cuda / auto")
+    parser.add_argument("--bpb-rows", type=int, default=64, help="rows of seq tokens for the BPB timing (0: skip)")
     args = parser.parse_args(argv)
+    nc, nl = import_nanochat(args.against.resolve())
+    if args.items <= 10:
+        parser.error("--items must be at least 11: nanochat samples 10 few-shot examples from the other items")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from nanoforge.model.gpt import build_model, config_for_depth
-
+    max_len = args.context or args.seq
+    batch_tokens = args.batch * args.seq
+    runtime = Runtime(torch.device("cpu"), torch.float32)  # fp32: the comparison is about the evaluator
     tok, tok_source = tokenizer(args.vocab)
-    torch.manual_seed(0)
-    from nanoforge.runtime import pick_device
-
-    device = pick_device(args.device)
-    model = build_model(config_for_depth(args.depth, tok.vocab_size, args.seq), device)
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0, 0.02)
-    model.eval()
-    runtime = Runtime(device, torch.float32)  # float32: the comparison is about batching, not dtype
+    model = random_model(args.depth, tok.vocab_size, args.seq)
     with tempfile.TemporaryDirectory() as tmp:
-        found, bundle_source = tasks(Path(tmp))
-    prepared = []
+        found, source = load_tasks(Path(tmp))
+    if args.tasks:
+        wanted = args.tasks.split(",")
+        found = [t for t in found if t.label in wanted]
+    load0 = os.getloadavg()
+    print(f"model: depth {args.depth}, context {args.seq}, crop {max_len}, vocab {tok.vocab_size} ({tok_source}); "
+          f"{torch.get_num_threads()} threads; tasks: {source}; load average {load0[0]:.2f}", flush=True)
+    core.evaluate_task(model, tok, found[0], runtime, max_len, batch_tokens, 4)  # warm-up
+    per_task, all_diffs = [], []
+    print(f"{'task':<36}{'type':<18}{'items':>6}{'nanochat/s':>11}{'ours/s':>9}{'x':>6}{'saved':>7}  accuracy", flush=True)
     for task in found:
-        data = prepare_items(task.items, args.items)
-        rows = build_rows(task, data, range(len(data)), tok, args.seq, {})
-        prepared.append((task, data, rows))
-    n_items = sum(len(d) for _, d, _ in prepared)
-    n_rows = sum(len(r) for *_, r in prepared)
-    n_tokens = sum(len(row[2]) for *_, rows in prepared for row in rows)
-    print(f"model: depth {args.depth}, context {args.seq}, vocab {tok.vocab_size} (tokenizer from {tok_source}); "
-          f"{device}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
-    print(f"tasks: {bundle_source}: {n_items} items, {n_rows} rows, {n_tokens} tokens")
-    modes = ("packed", "per_item", "per_option")
-    for mode in modes:  # warm-up: first calls pay for kernel selection and allocation
-        task, data, rows = prepared[0]
-        score(model, rows[:8], tok.bos_id, runtime, mode, args.batch * args.seq)
-    best: dict[str, float] = {}
-    accs: dict[str, dict] = {}
-    for _ in range(args.repeats):  # modes interleaved, so a busy moment does not land on one mode only
-        for mode in modes:
-            runtime.synchronize()
-            t0 = time.perf_counter()
-            accs[mode] = {}
-            for task, data, rows in prepared:
-                m, e = score(model, rows, tok.bos_id, runtime, mode, args.batch * args.seq)
-                accs[mode][task.label] = accuracy(task, data, rows, m, e)
-            runtime.synchronize()
-            best[mode] = min(best.get(mode, float("inf")), time.perf_counter() - t0)
-    results = {mode: {"seconds": best[mode], "items_per_s": n_items / best[mode], "tokens_per_s": n_tokens / best[mode],
-                      "accuracy": accs[mode]} for mode in modes}
-    base = results["packed"]["accuracy"]
-    agree = all(results[m]["accuracy"] == base for m in results)
-    print(f"\n{'mode':<12}{'seconds':>10}{'items/s':>10}{'tokens/s':>12}{'packed x':>10}")
-    for mode, r in results.items():
-        speedup = r["seconds"] / results["packed"]["seconds"]
-        print(f"{mode:<12}{r['seconds']:>10.2f}{r['items_per_s']:>10.1f}{r['tokens_per_s']:>12.0f}{speedup:>10.2f}")
-    print(f"\naccuracies identical across modes: {agree}")
+        data = core.prepare_items(task.items, args.items)
+        nano_s, ours_s = [], []
+        for _ in range(args.rounds):  # alternate, so a busy moment does not land on one side only
+            nano_correct, s = nanochat_items(nc, model, tok, task, data, max_len)
+            nano_s.append(s)
+            result = core.evaluate_task(model, tok, task, runtime, max_len, batch_tokens, args.items)
+            ours_s.append(result.seconds)
+        diffs, worst, tokens = check_task(model, tok, task, data, max_len, batch_tokens, runtime, nano_correct)
+        all_diffs += diffs
+        nano_acc = sum(nano_correct) / len(data)
+        row = {"task": task.label, "kind": task.kind, "items": len(data), "nanochat_s": min(nano_s),
+               "ours_s": min(ours_s), "rounds_nanochat_s": nano_s, "rounds_ours_s": ours_s,
+               "nanochat_accuracy": nano_acc, "ours_accuracy": result.accuracy,
+               "accuracy_equal": nano_acc == result.accuracy, "max_mean_loss_diff_shared_vs_full": worst,
+               "tokens": tokens, "notes": result.notes}
+        per_task.append(row)
+        saved = 1 - tokens["packed_tokens"] / tokens["row_tokens"]
+        print(f"{task.label:<36}{task.kind:<18}{len(data):>6}{len(data) / row['nanochat_s']:>11.1f}"
+              f"{len(data) / row['ours_s']:>9.1f}{row['nanochat_s'] / row['ours_s']:>6.2f}{saved:>7.0%}"
+              f"  {nano_acc:.3f} {'==' if row['accuracy_equal'] else '!='} {result.accuracy:.3f}", flush=True)
+    types = by_type(per_task)
+    items = sum(t["items"] for t in per_task)
+    total = {"items": items, "nanochat_items_per_s": items / sum(t["nanochat_s"] for t in per_task),
+             "ours_items_per_s": items / sum(t["ours_s"] for t in per_task)}
+    total["speedup"] = total["ours_items_per_s"] / total["nanochat_items_per_s"]
+    print(f"\n{'type':<20}{'items':>6}{'nanochat/s':>11}{'ours/s':>9}{'x':>6}{'saved vs rows':>14}{'vs nanochat':>12}")
+    for kind, t in types.items():
+        print(f"{kind:<20}{t['items']:>6}{t['nanochat_items_per_s']:>11.1f}{t['ours_items_per_s']:>9.1f}"
+              f"{t['speedup']:>6.2f}{t['tokens_saved_vs_full_rows']:>14.0%}{t['tokens_saved_vs_nanochat']:>12.0%}")
+    print(f"{'all':<20}{items:>6}{total['nanochat_items_per_s']:>11.1f}{total['ours_items_per_s']:>9.1f}{total['speedup']:>6.2f}")
+    equal = all(t["accuracy_equal"] for t in per_task)
+    ties = all(d["tie"] for d in all_diffs)
+    print(f"per-task accuracy identical: {equal}; decision differences: {len(all_diffs)} (all float ties: {ties})")
+    for d in all_diffs:
+        print(f"  {d['task']} item {d['item']}: differs from {', '.join(d['differs_from'])}, margin {d['margin']:.2e}"
+              f"{' (tie)' if d['tie'] else ''}")
+    bpb = bench_bpb(nl, model, tok, args.seq, args.batch, args.bpb_rows, args.rounds) if args.bpb_rows else None
+    if bpb:
+        print(f"BPB over {bpb['tokens']} tokens: nanochat {bpb['tokens_per_s']['nanochat']:,.0f} tok/s, ours "
+              f"{bpb['tokens_per_s']['ours']:,.0f} tok/s ({bpb['speedup']:.2f}x); bpb {bpb['bpb']['nanochat']:.6f} "
+              f"vs {bpb['bpb']['ours']:.6f}")
+    load1 = os.getloadavg()
+    print(f"load average: {load0[0]:.2f} at start, {load1[0]:.2f} at the end (1-minute); numbers under shared load")
     write_json(RESULTS, {
-        "model": {"depth": args.depth, "sequence_len": args.seq, "vocab_size": tok.vocab_size},
-        "device": str(device), "threads": torch.get_num_threads(), "load_average": os.getloadavg()[0], "tasks": bundle_source,
-        "items": n_items, "rows": n_rows, "tokens": n_tokens, "batch_contexts": args.batch, "results": results,
-        "speedup_packed_vs_per_item": results["per_item"]["seconds"] / results["packed"]["seconds"],
-        "speedup_packed_vs_per_option": results["per_option"]["seconds"] / results["packed"]["seconds"],
-        "accuracies_agree": agree,
+        "against": str(args.against), "model": {"depth": args.depth, "sequence_len": args.seq, "vocab_size": tok.vocab_size},
+        "crop": max_len, "batch_tokens": batch_tokens, "threads": torch.get_num_threads(), "tasks_source": source,
+        "rounds": args.rounds, "load_average": {"start": load0, "end": load1}, "per_task": per_task, "by_type": types,
+        "total": total, "accuracy_equal": equal, "decision_differences": all_diffs, "all_differences_ties": ties,
+        "tie_tolerance": TIE_TOLERANCE, "bpb": bpb,
     })
     print(f"wrote {RESULTS}")
-    return 0 if agree else 1
+    return 0 if equal and ties else 1
 
 
 if __name__ == "__main__":

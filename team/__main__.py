@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from team import stack
+from team import checkpoints, stack
 from team.settings import SettingError, Team
 
 COMMANDS = {
@@ -15,6 +15,8 @@ COMMANDS = {
     "status": "say what is up (exit code 1 when something is down)",
     "env": "print the exports a shell needs: eval \"$(python -m team env)\"",
     "remote": "make the S3 bucket this clone's default DVC remote (.dvc/config.local)",
+    "checkpoints-push": "upload artifacts/checkpoints/ to NANOFORGE_CHECKPOINTS_URL (not a DVC output)",
+    "checkpoints-pull": "download them into a clone, so training resumes there",
 }
 
 
@@ -34,8 +36,12 @@ def main(argv: list[str] | None = None) -> int:
             return stack.status(team)
         elif args.command == "env":
             print("\n".join(stack.env_lines(team)))
-        else:
+        elif args.command == "remote":
             stack.remote(team)
+        elif args.command == "checkpoints-push":
+            print(f"team: {checkpoints.push(team, team.root)}")
+        else:
+            print(f"team: {checkpoints.pull(team, team.root)}")
     except (SettingError, RuntimeError) as exc:
         print(f"team {args.command}: {exc}", file=sys.stderr)
         return 2

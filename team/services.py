@@ -44,12 +44,15 @@ def _base_env(team: Team) -> dict[str, str]:
 
 # --- S3
 
-def s3_client(team: Team):
+def s3_client(team: Team, quick: bool = False):
+    """A boto3 S3 client with team.env's endpoint and credentials (`quick`: fail in seconds, for status)."""
     import boto3
+    from botocore.config import Config
 
+    config = Config(connect_timeout=3, read_timeout=10, retries={"max_attempts": 1}) if quick else None
     return boto3.client("s3", endpoint_url=team["NANOFORGE_S3_ENDPOINT_URL"] or None,
                         aws_access_key_id=team["AWS_ACCESS_KEY_ID"], aws_secret_access_key=team["AWS_SECRET_ACCESS_KEY"],
-                        region_name=team["AWS_DEFAULT_REGION"])
+                        region_name=team["AWS_DEFAULT_REGION"], config=config)
 
 
 def start_s3(team: Team) -> str:
@@ -71,7 +74,7 @@ def check_bucket(team: Team) -> str | None:
     """None when the bucket answers with these credentials; else one line naming the setting."""
     bucket = team["NANOFORGE_S3_BUCKET"]
     try:
-        s3_client(team).head_bucket(Bucket=bucket)
+        s3_client(team, quick=True).head_bucket(Bucket=bucket)
         return None
     except Exception as exc:
         code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")

@@ -134,7 +134,7 @@ class Team:
             if not self.values.get(key, "").isdigit() or not 0 < int(self.values[key]) < 65536:
                 raise SettingError(f"{key}={self.values.get(key)!r} is not a port number (1-65535)")
         self.mlflow_backend, self.dagster_pg_url  # noqa: B018 (refuses a bad URL now, naming it)
-        for key in ("NANOFORGE_MLFLOW_ARTIFACTS", "NANOFORGE_DVC_REMOTE_URL"):
+        for key in ("NANOFORGE_MLFLOW_ARTIFACTS", "NANOFORGE_DVC_REMOTE_URL", "NANOFORGE_CHECKPOINTS_URL"):
             if urlsplit(self[key]).scheme != "s3" or not urlsplit(self[key]).netloc:
                 raise SettingError(f"{key}={self[key]!r} must be s3://bucket/prefix")
 

@@ -22,6 +22,29 @@ BIN = Path(sys.executable).parent  # the project venv: dvc, torchrun, dagster li
 PROJECT_FILES = ["nanoforge", "stages", "pipelines", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore"]
 
 
+# `gpu` tests run where CUDA is; NANOFORGE_GPU_TESTS_ON_CPU=1 runs their bodies on the CPU
+# instead (a smoke test of the code, e.g. before renting a GPU: slow, not the suite's)
+GPU_ON_CPU_ENV = "NANOFORGE_GPU_TESTS_ON_CPU"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs CUDA (tests/test_gpu.py, run by python -m bench.gpu); "
+                                       "skipped with the reason elsewhere")
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items or os.environ.get(GPU_ON_CPU_ENV) == "1":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason=f"needs CUDA: torch {torch.__version__} sees no GPU "
+                                       f"(python -m bench.gpu runs these on one; {GPU_ON_CPU_ENV}=1 runs them on the CPU)")
+        for item in gpu_items:
+            item.add_marker(skip)
+
+
 def tool(name: str) -> str:
     path = BIN / name
     return str(path) if path.exists() else name

@@ -459,3 +459,28 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_last_one(temp
         saved = list_checkpoints(disk)
         assert saved and not [p for p in disk.iterdir() if p.name.startswith(".step_")]
         load_model(saved[-1])  # the last one written is whole
+
+
+def test_sigterm_to_torchrun_saves_resumes_and_exits_143_in_one_line(clean, template, tmp_path):
+    # issue 18.9: SIGTERM to torchrun saved and resumed exactly, but exited 1 under a SignalException traceback
+    root = clone(template, tmp_path / "w")
+    write_params(root, save_every=0)  # only the preemption checkpoint can exist
+    launcher = [sys.executable, "-m", "nanoforge.torchrun", "--standalone", "--nproc_per_node=2", "-m", "stages.train"]
+    proc = subprocess.Popen(launcher, cwd=root, env=env_for(root, NANOFORGE_TRACKING="off"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step 00004/"):
+            proc.send_signal(signal.SIGTERM)  # to the launcher only, as dvc_exec and a scheduler send it
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
+    stopped = [l for l in err.splitlines() if l.startswith("stopped:")]
+    assert len(stopped) == 1 and re.fullmatch(r"stopped: stopped by signal at step \d+/30; checkpoint saved, run the "
+                                              r"same command to resume", stopped[0]), err[-3000:]
+    assert err.rstrip().endswith("torchrun: SIGTERM, the workers were stopped; exit 143"), err[-3000:]
+    (saved,) = list_checkpoints(root / "artifacts/checkpoints")
+    assert 4 <= int(saved.name.split("_")[1]) < STEPS and not (root / "artifacts/model").exists()
+    run_train(root, nproc=2, NANOFORGE_TRACKING="off")
+    for a, b in zip(read_csv(root / "artifacts/train/steps.csv"), read_csv(clean / "artifacts/train/steps.csv"), strict=True):
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-3, abs=1e-5), a["step"]

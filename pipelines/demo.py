@@ -112,8 +112,11 @@ def summary(result, instance) -> str:
         command = float(meta.get("duration_s") or 0.0)
         step = took.get(name, command)
         rows.append((name, status, f"{step:.1f}", f"{command:.1f}", f"{step - command:.1f}", numbers(name, meta)))
-    for key in took.keys() - {r[0] for r in rows}:  # failed steps
-        rows.append((key, "FAILED", f"{took[key]:.1f}", "", "", ""))
+    from pipelines.defs.sensors import step_failure_reason
+
+    reasons = {e.step_key: step_failure_reason(e) for e in result.all_events if e.event_type_value == "STEP_FAILURE"}
+    for key in took.keys() - {r[0] for r in rows}:  # failed steps, with the stage's own message
+        rows.append((key, "FAILED", f"{took[key]:.1f}", "", "", (reasons.get(key) or "")[:200]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -153,11 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + summary(result, instance))
     print(f"\n[demo] run {result.run_id} {'succeeded' if result.success else 'FAILED'} in {wall:.1f}s")
     uri = os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{ROOT / 'mlflow.db'}")
+    from pipelines.defs.resources import mlflow_ui_url
+
     print(f"""
 Where to look:
   Dagster   make ui   -> http://127.0.0.1:3000/runs/{result.run_id}  (assets, metadata, checks, logs)
   Report    {ROOT / 'reports/report.html'}
-  MLflow    make mlflow  -> http://127.0.0.1:5000  ({uri}: one parent run, a child per stage; model `nanoforge-base`)
+  MLflow    make mlflow  -> {mlflow_ui_url()}  ({uri}: one parent run, a child per stage; model `nanoforge-base`)
   DVC       dvc status; dvc metrics show; dvc plots show""")
     return 0 if result.success else 1
 

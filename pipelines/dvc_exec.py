@@ -19,7 +19,8 @@ Notable:
   a cancelled step never leaves a half-written checkpoint behind it.
 - Output streams through as bytes (progress bars with \\r pass unchanged) and is
   scanned for what DVC did: ran the command, skipped an up-to-date stage, or
-  restored outputs from its run cache. --result FILE gets that as JSON.
+  restored outputs from its run cache. --result FILE gets that as JSON, with the
+  stage's error as its output states it when the command failed (error_from_output).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -38,6 +40,8 @@ LOCK_ERRORS = (b"Unable to acquire lock", b"is busy, it is being blocked by")
 SKIPPED = (b"didn't change, skipping",)
 RESTORED = (b"is cached - skipping run",)
 RAN = (b"Running stage '",)
+WRAPPERS = ("ChildFailedError", "CalledProcessError")  # say that something below failed, not what
+_EXCEPTION_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?([A-Z]\w*(?:Error|Exception|Interrupt))(?::\s*(.*))?$")
 
 
 def dvc_binary() -> str:
@@ -180,6 +184,28 @@ def what_dvc_did(output: bytes) -> str:
     return "unknown"
 
 
+def error_from_output(output: str) -> str | None:
+    """The stage's error as its output states it: its last `error: ...` line, else the last
+    Python exception, else DVC's last `ERROR:` line.
+
+    For a stage that could not say it over Pipes (a crash, an old stage). Exceptions
+    that only wrap another (torchrun's ChildFailedError) are skipped.
+    """
+    lines = [line.strip() for line in output.replace("\r", "\n").splitlines()]
+    for prefix in ("error: ", "error (rank"):  # rank 0 prints the whole message, other ranks its first line
+        for line in reversed(lines):
+            if line.startswith(prefix) and ": " in line:
+                return line.split(": ", 1)[1].strip() or None
+    for line in reversed(lines):
+        m = _EXCEPTION_LINE.match(line)
+        if m and m.group(1) not in WRAPPERS:
+            return line
+    for line in reversed(lines):  # DVC's own complaint (a missing dep, a bad dvc.yaml)
+        if line.startswith("ERROR: "):
+            return line[len("ERROR: "):].strip() or None
+    return None
+
+
 def run_dvc(args: list[str], cwd: str | None = None, env: dict[str, str] | None = None, grace_s: float = 120.0,
             lock_timeout_s: float = 3600.0, out=None, exec_cmd: bool = False) -> dict:
     """Run `dvc <args>` (or, with exec_cmd, the command `args` itself, e.g. the download stage,
@@ -211,7 +237,9 @@ def run_dvc(args: list[str], cwd: str | None = None, env: dict[str, str] | None 
     else:
         status = "ran" if exec_cmd else what_dvc_did(output)
     tail = output[-3000:].decode("utf-8", "replace")
-    return {"status": status, "returncode": rc, "attempts": attempts, "lock_wait_s": round(lock_wait, 3),
+    # the stage's error line may sit above a long torchrun traceback: look at all of the output kept
+    stage_error = error_from_output(output.decode("utf-8", "replace")) if rc != 0 else None
+    return {"status": status, "returncode": rc, "stage_error": stage_error, "attempts": attempts, "lock_wait_s": round(lock_wait, 3),
             "seconds": round(time.monotonic() - start, 3), "command": " ".join(args if exec_cmd else ["dvc", *args]),
             "output_tail": tail}
 

@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         check_sources(sources, only if only is not None else configured_indices(cfg), bundle=only is None)
         unpack_limits(cfg)  # a bad NANOFORGE_BUNDLE_MAX_* fails here, not after the shards
     except (ConfigError, DownloadError, BundleError, ShardError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        pipes.error(exc)  # prints `error: ...` and gives Dagster the failure's message
         return 2
 
     logged = {**cfg.model_dump(mode="json"), "shards_source": sources.shards, "bundle_source": sources.bundle}
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                 run.set_tags({"data_dvc": final["dvc"]["status"], "data_dvc_changed": final["dvc"]["changed"],
                               "data_dvc_md5": final["dvc"]["md5"] or ""})
     except (DownloadError, FetchError, BundleError, ShardError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        pipes.error(exc)  # prints `error: ...` and gives Dagster the failure's message
         return 1
     except KeyboardInterrupt:
         print("interrupted: finished files are kept and partial ones resume on the next run", file=sys.stderr)

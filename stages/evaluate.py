@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve("evaluate", args, quiet=not is_rank0()).evaluate
         inputs = check_inputs(cfg, log)
     except (ConfigError, BundleError, ShardError, TokenizerError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        pipes.error(exc)  # prints `error: ...` and gives Dagster the failure's message
         return 2
 
     from nanoforge.runtime import init_runtime, shutdown

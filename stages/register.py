@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         candidate = check_inputs()
         require_mlflow()  # a registry is MLflow's: no MLflow, no registration (tracking elsewhere is only a warning)
     except (ConfigError, RegisterError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        pipes.error(exc)  # prints `error: ...` and gives Dagster the failure's message
         return 2
     name = cfg.registered_model
     try:
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "above says why): fix it, or point MLFLOW_TRACKING_URI at a server that works")
             decision = register_and_decide(run, name, candidate)
     except RegisterError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        pipes.error(exc)  # prints `error: ...` and gives Dagster the failure's message
         return 1
     champ = decision["champion_before"] or {}
     log.info("%s v%s of %s: %s", decision["decision"], decision["version"], name, decision["reason"])

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve("report", args).report
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        pipes.error(exc)  # prints `error: ...` and gives Dagster the failure's message
         return 2
     inputs = load_inputs()  # a missing upstream output is a "Not run" section, never an error
     for problem in inputs.problems.values():

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = resolve("tokenizer", args).tokenizer
         inputs = check_inputs(cfg)
     except (ConfigError, ShardError, TokenizerError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        pipes.error(exc)  # prints `error: ...` and gives Dagster the failure's message
         return 2
     for warning in inputs.warnings:
         log.warning(warning)
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         with stage_run("tokenizer", cfg.model_dump(mode="json")) as run:
             metrics, table = run_stage(cfg, inputs, run)
     except ShardError as exc:  # the run is already marked FAILED in MLflow
-        print(f"error: {exc}", file=sys.stderr)
+        pipes.error(exc)  # prints `error: ...` and gives Dagster the failure's message
         return 2
 
     pipes.report({

@@ -211,6 +211,9 @@ class _Hook(BaseHTTPRequestHandler):
         pass
 
 
+REASON = "prepare.n must be an integer, got 'not a number': set prepare.n in params.yaml"
+
+
 def test_failed_run_alerts_and_fails_the_mlflow_parent(synth, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", synth.uri)  # the per-test isolation points elsewhere
     server = HTTPServer(("127.0.0.1", 0), _Hook)
@@ -228,8 +231,10 @@ def test_failed_run_alerts_and_fails_the_mlflow_parent(synth, monkeypatch):
         assert not result.success
         failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
         assert failure.step_key == "prepare"
+        # the stage's own words (sent over Pipes) are the failure's message, then DVC's last words
+        assert failure.event_specific_data.user_failure_data.description.startswith(REASON + "\n")
+        assert REASON in failure.event_specific_data.error.message
         assert "dvc repro --single-item prepare" in failure.event_specific_data.error.message
-        assert "TypeError" in failure.event_specific_data.error.message  # DVC's last words, in the UI
         context = dg.build_run_status_sensor_context(
             sensor_name="alert_on_failure", dagster_instance=synth.instance, dagster_run=result.dagster_run,
             dagster_event=result.get_run_failure_event()).for_run_failure()
@@ -239,47 +244,147 @@ def test_failed_run_alerts_and_fails_the_mlflow_parent(synth, monkeypatch):
         server.shutdown()
     alerts = [json.loads(line) for line in (synth.home / "alerts.jsonl").read_text().splitlines()]
     assert alerts[-1]["run_id"] == result.run_id and alerts[-1]["failed_steps"] == ["prepare"]
+    assert alerts[-1]["message"] == REASON and "Steps failed" in alerts[-1]["run_message"]
     assert _Hook.received and _Hook.received[-1]["run_id"] == result.run_id
-    assert "prepare" in _Hook.received[-1]["text"]
+    assert _Hook.received[-1]["text"].endswith(f"failed at prepare: {REASON}")
     _, runs = mlflow_runs(synth.uri)
     parent = next(r for r in runs if r.data.tags.get("dagster_run_id") == result.run_id)
     assert parent.info.status == "FAILED" and parent.data.tags["failed_asset"] == "prepare"
-    child = next(r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id)
-    assert child.info.status == "FAILED" and "TypeError" in child.data.tags["error"]
+    assert parent.data.tags["error"] == REASON
 
 
-def test_inputs_sensor_cursor_and_requests(synth):
-    defs = build_definitions(synth.root)
+def _tick(sensor, instance, cursor=None):
+    """One evaluation of a sensor, as the daemon does it: (run requests, skip message, new cursor)."""
+    data = sensor.evaluate_tick(dg.build_sensor_context(instance=instance, cursor=cursor))
+    return data.run_requests, data.skip_message, data.cursor
+
+
+def _edit(path: Path, change) -> None:
+    tree = yaml.safe_load(path.read_text())
+    change(tree)
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+
+
+def test_inputs_sensor_reacts_to_the_params_each_stage_reads(synth, tmp_path):
+    root = tmp_path / "p"
+    shutil.copytree(synth.twin, root, symlinks=True)  # every stage up to date
+    defs, instance = build_definitions(root), dg.DagsterInstance.get()
     sensor = defs.get_sensor_def("pipeline_inputs_changed")
-    ctx = dg.build_sensor_context(instance=synth.instance)
-    assert isinstance(sensor(ctx), dg.SkipReason) and ctx.cursor  # first look: remembers
-    cursor = ctx.cursor
-    ctx = dg.build_sensor_context(instance=synth.instance, cursor=cursor)
-    assert isinstance(sensor(ctx), dg.SkipReason)  # nothing changed
-    params = synth.root / "params.yaml"
-    data_dvc = synth.root / "data.dvc"
-    original = params.read_text()
-    try:
-        params.write_text(original + "\n# a comment is a change too\n")
-        ctx = dg.build_sensor_context(instance=synth.instance, cursor=cursor)
-        request = sensor(ctx)
-        assert isinstance(request, dg.RunRequest) and request.asset_selection is None  # the whole pipeline
-        assert request.tags["nanoforge/trigger"] == "params.yaml changed"
-        params.write_text(original)
-        # data.dvc changed by someone else: the stages after download run
-        data_dvc.write_text("outs:\n- md5: 1234.dir\n  path: data\n")
-        ctx = dg.build_sensor_context(instance=synth.instance, cursor=cursor)
-        request = sensor(ctx)
-        assert isinstance(request, dg.RunRequest)
-        assert set(request.asset_selection) == set(STAGE_KEYS)
-        # ... but not when the pipeline's own download wrote it
-        synth.instance.report_runless_asset_event(dg.AssetMaterialization(
-            asset_key="download", tags={"dagster/data_version": "1234.dir"}))
-        ctx = dg.build_sensor_context(instance=synth.instance, cursor=cursor)
-        assert "own download" in sensor(ctx).skip_message
-    finally:
-        params.write_text(original)
-        data_dvc.unlink(missing_ok=True)
+    requests, skip, cursor = _tick(sensor, instance)
+    assert requests == [] and "first look" in skip
+    params = root / "params.yaml"
+    params.write_text(params.read_text() + "\n# a comment\n")
+    _edit(params, lambda t: t["pipeline"].update(nightly_cron="15 4 * * *"))  # no stage reads the cron
+    requests, skip, cursor = _tick(sensor, instance, cursor)
+    assert requests == [] and "no stage's params changed" in skip
+    _edit(params, lambda t: t["fit"].update(steps=12))
+    (request,), _, cursor = _tick(sensor, instance, cursor)
+    assert request.asset_selection == [dg.AssetKey("fit"), dg.AssetKey("score")]  # fit and what is downstream
+    assert "params of fit changed" in request.tags["nanoforge/trigger"]
+    result = defs.resolve_job_def("pipeline").execute_in_process(
+        instance=instance, asset_selection=request.asset_selection, tags=request.tags, raise_on_error=False)
+    assert result.success
+    ran = materializations(result)
+    assert set(ran) == {"fit", "score"} and values(ran["fit"])["dvc_status"].startswith("ran")
+    assert json.loads((root / "out/fit/metrics.json").read_text())["val_bpb"] == pytest.approx(3.0 / 12 + 1.0 / 50)
+    assert _tick(sensor, instance, cursor)[0] == []  # that change is done
+    _edit(params, lambda t: t["download"].update(num_train_shards=t["download"]["num_train_shards"] + 1))
+    (request,), _, _ = _tick(sensor, instance, cursor)
+    assert request.asset_selection == [dg.AssetKey("download")]  # no synthetic stage reads data/
+    params.write_text("train: [unclosed\n")  # a save half-way through an edit: wait for a file that parses
+    requests, skip, after = _tick(sensor, instance, cursor)
+    assert requests == [] and "not valid YAML" in skip and after == cursor
+
+
+def test_inputs_sensor_waits_while_a_run_is_in_progress(synth, tmp_path):
+    """Issue #16: the download step writes data.dvc before its materialization is recorded;
+    a tick in between must not queue a run."""
+    from dagster._core.utils import make_new_run_id
+
+    root = tmp_path / "p"
+    shutil.copytree(synth.twin, root, symlinks=True)
+    _edit(root / "dvc.yaml", lambda t: t["stages"]["prepare"]["deps"].append("data/fineweb"))  # prepare reads data/
+    defs, instance = build_definitions(root), dg.DagsterInstance.get()
+    sensor = defs.get_sensor_def("pipeline_inputs_changed")
+    _, _, cursor = _tick(sensor, instance)
+    running = instance.add_run(dg.DagsterRun(job_name="pipeline", run_id=make_new_run_id(),
+                                             status=dg.DagsterRunStatus.STARTED))
+    (root / "data.dvc").write_text("outs:\n- md5: 1234.dir\n  path: data\n")  # the download step's write...
+    requests, skip, after = _tick(sensor, instance, cursor)
+    assert requests == [] and running.run_id in skip and after == cursor  # ...decided once the run is over
+    instance.report_runless_asset_event(dg.AssetMaterialization(  # the step's materialization, then the run ends
+        asset_key="download", tags={"dagster/data_version": "1234.dir"}))
+    instance.delete_run(running.run_id)
+    requests, skip, cursor = _tick(sensor, instance, cursor)
+    assert requests == [] and "own download" in skip
+    # data.dvc changed by someone else (a `dvc pull`, a download by hand): the stages after download run
+    (root / "data.dvc").write_text("outs:\n- md5: 5678.dir\n  path: data\n")
+    (request,), _, _ = _tick(sensor, instance, cursor)
+    assert request.asset_selection == [dg.AssetKey(k) for k in ("prepare", "fit", "score")]
+    assert request.tags["nanoforge/trigger"] == "data.dvc changed"
+
+
+def test_resume_tag_fresh_starts_the_stateful_stage_over(synth, tmp_path):
+    root = tmp_path / "p"
+    shutil.copytree(synth.twin, root, symlinks=True)  # fit ran once: its persisted state says 1 run
+    defs, instance = build_definitions(root), dg.DagsterInstance.get()
+    job = defs.resolve_job_def("pipeline")
+
+    def materialize(keys, tags=None):
+        return job.execute_in_process(instance=instance, asset_selection=[dg.AssetKey(k) for k in keys],
+                                      tags=tags or {}, raise_on_error=False)
+
+    assert values(materializations(materialize(["fit"]))["fit"])["up_to_date"] is True
+    fresh = materialize(["prepare", "fit"], {"nanoforge/resume": "fresh"})
+    assert fresh.success
+    ran = {k: values(m) for k, m in materializations(fresh).items()}
+    assert ran["prepare"]["up_to_date"] is True  # no state to start over: DVC decides as always
+    assert ran["fit"]["dvc_status"].startswith("ran: `dvc repro --force --single-item fit`")
+    metrics = json.loads((root / "out/fit/metrics.json").read_text())
+    assert metrics["resume"] == "fresh" and metrics["runs"] == 1  # NANOFORGE_RESUME=fresh reached the stage
+    bad = materialize(["fit"], {"nanoforge/resume": "frsh"})
+    failure = next(e for e in bad.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "nanoforge/resume='frsh' is not one of auto, fresh" in failure.event_specific_data.error.message
+    assert json.loads((root / "out/fit/metrics.json").read_text())["mlflow_run_id"] == metrics["mlflow_run_id"]
+
+
+def test_progress_reaches_dagster_while_the_stage_runs(synth, tmp_path, monkeypatch):
+    """The stage's per-step progress shows in the run (a log line, an observation) before the stage ends:
+    the synthetic fit blocks after its first step until this test has seen that step in Dagster."""
+    root = tmp_path / "p"
+    shutil.copytree(synth.twin, root, symlinks=True)
+    _edit(root / "params.yaml", lambda t: t["fit"].update(steps=7))
+    go = tmp_path / "go"
+    monkeypatch.setenv("SYNTH_WAIT_FOR", str(go))
+    monkeypatch.setenv("NANOFORGE_PIPES_PROGRESS_S", "0")  # every step
+    defs, instance = build_definitions(root), dg.DagsterInstance.get()
+    seen: dict = {}
+
+    def watch():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not go.exists():
+            for run_ in instance.get_runs(limit=1):
+                observed = instance.all_logs(run_.run_id, of_type=dg.DagsterEventType.ASSET_OBSERVATION)
+                if observed:
+                    seen["metadata"] = observed[0].dagster_event.event_specific_data.asset_observation.metadata
+                    seen["stage_done"] = (root / "out/fit/model.txt").exists()
+                    go.write_text("go")
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    result = defs.resolve_job_def("pipeline").execute_in_process(
+        instance=instance, asset_selection=[dg.AssetKey("fit")], raise_on_error=False)
+    watcher.join(5)
+    assert result.success
+    assert seen, "no progress reached Dagster while fit was blocked after its first step"
+    assert seen["stage_done"] is False and seen["metadata"]["step"].value == 1
+    observed = [e.event_specific_data.asset_observation for e in result.all_events
+                if e.event_type_value == "ASSET_OBSERVATION"]
+    assert [o.metadata["step"].value for o in observed] == list(range(1, 8))
+    assert all(o.asset_key == dg.AssetKey("fit") for o in observed)
+    lines = [e.user_message for e in instance.all_logs(result.run_id) if e.user_message.startswith("step ")]
+    assert lines[0] == "step 1/7 | loss 3.0200" and len(lines) == 7, lines  # the stage's own line, in the run log
 
 
 def test_nightly_schedule_requests_the_retrain_job(synth):
@@ -363,6 +468,10 @@ def test_real_dvc_yaml_graph_equals_dvc_dag(tmp_path):
     assert not checks[("evaluate", "val_bpb_vs_champion")] and ("tokenizer", "compression") in checks
     assert {k.to_user_string() for k in defs.resolve_job_def("eval_and_report").asset_layer.executable_asset_keys} == {
         "evaluate", "report", "register"}
+    # the run tag nanoforge/resume=fresh forces train alone (its checkpoints are no DVC output)
+    from pipelines.defs.step import resumable
+
+    assert [s.name for s in dvc_graph.load_stages(root) if resumable(s)] == ["train"]
     # every DVC-running asset is in the dvc pool (limit 1)
     for key in ("download", "tokenizer", "train", "evaluate", "report", "register", "dvc_remote"):
         assert defs.get_assets_def(dg.AssetKey(key)).op.pool == "dvc", key

@@ -21,6 +21,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 
+from nanoforge import pipes
 from nanoforge.common import get_logger
 from nanoforge.training.checkpoint import archive_checkpoints, load_checkpoint, remove_partial, save_checkpoint
 from nanoforge.training.outputs import STEP_COLUMNS
@@ -292,9 +293,13 @@ def train(plan: Plan, runtime, run, stop: StopFlag) -> TrainResult:
             if main:
                 eta = (n - step - 1) * (timed_dt / timed_steps if timed_steps else dt)
                 mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
-                print(f"step {step + 1:05d}/{n:05d} | loss {loss_ema:.6f} | grad {gnorm:.4f} | lrm {lrm:.3f} | "
-                      f"dt {1000 * dt:.0f}ms | tok/s {tok_per_sec:,.0f} | mfu {mfu_text} | "
-                      f"elapsed {fmt_time(elapsed())} | eta {fmt_time(eta)}", flush=True)
+                line = (f"step {step + 1:05d}/{n:05d} | loss {loss_ema:.6f} | grad {gnorm:.4f} | lrm {lrm:.3f} | "
+                        f"dt {1000 * dt:.0f}ms | tok/s {tok_per_sec:,.0f} | mfu {mfu_text} | "
+                        f"elapsed {fmt_time(elapsed())} | eta {fmt_time(eta)}")
+                print(line, flush=True)
+                pipes.progress(line, {"step": step + 1, "num_iterations": n, "loss": loss_ema, "tok_per_sec": tok_per_sec,
+                                      "mfu": mfu, "eta_s": eta, "eta": fmt_time(eta), "elapsed_s": elapsed()},
+                               last=step + 1 == n)  # Dagster shows it while training runs (throttled)
                 run.log_metrics({k: row[k] for k in STEP_COLUMNS[1:] if row[k] is not None}, step=row["step"])
             step += 1
 

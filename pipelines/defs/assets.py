@@ -21,7 +21,9 @@ from pipelines import dvc_graph
 from pipelines.defs import checks
 from pipelines.defs.metadata import stage_metadata
 from pipelines.defs.resources import DvcResource, MlflowResource
-from pipelines.defs.step import DEFAULT_GROUP, DEFAULT_OWNERS, POOL, Step, check_input, common_metadata, mlflow_run_id
+from pipelines.defs.step import (
+    DEFAULT_GROUP, DEFAULT_OWNERS, POOL, Step, check_input, common_metadata, mlflow_run_id, stage_command,
+)
 from pipelines.dvc_graph import Stage
 from pipelines.project import DATA_IMPORT, Project, asset_name, upstream_asset
 
@@ -100,8 +102,9 @@ def stage_asset(project: Project, stage: Stage) -> dg.AssetsDefinition:
     )
     def _stage(context: dg.AssetExecutionContext, dvc: DvcResource, mlflow: MlflowResource) -> dg.MaterializeResult:
         step = Step(context, project, mlflow)
+        args, extra = stage_command(context, stage)  # a bad resume tag fails here, before any work
         try:
-            result, reported = dvc.run(context, ["repro", "--single-item", stage.name], step.env())
+            result, reported = dvc.run(context, args, {**step.env(), **extra})
         except BaseException as exc:
             step.failed(exc)
             raise

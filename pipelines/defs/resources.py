@@ -2,9 +2,12 @@
 
 Notable:
 - Every command runs as `python -m pipelines.dvc_exec ... -- <dvc args>` inside a
-  PipesSubprocessClient: logs stream live to the step's stdout/stderr, the stage
-  reports metadata over Pipes, DVC lock conflicts wait and retry, and a cancel from
-  the UI (SIGINT from the client) becomes SIGTERM for torchrun and its workers.
+  Pipes session (session.py): logs stream live to the step's stdout/stderr, the
+  stage reports metadata, progress and its error over Pipes, DVC lock conflicts
+  wait and retry, and a cancel from the UI (SIGINT) becomes SIGTERM for torchrun
+  and its workers. A failure's message is the stage's own error.
+- MLflow links point at the tracking server when MLFLOW_TRACKING_URI is http(s),
+  else at `make mlflow` (http://127.0.0.1:$MLFLOW_PORT, default 5000).
 - One MLflow parent run per Dagster run, found or created by the Dagster run id,
   so every step (in any process) joins the same one; stages join it through
   NANOFORGE_PARENT_RUN_ID. The last pipeline step of the run closes it.
@@ -21,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from dagster._core.errors import DagsterPipesExecutionError
 from pydantic import PrivateAttr
 
-from nanoforge import tracking
+from nanoforge import pipes, tracking
+from pipelines.defs.session import Outcome, run_command
+from pipelines.dvc_exec import error_from_output
 
 # Pipes' message reader calls a "preview" API of its own on every run; not ours to fix
 warnings.filterwarnings("ignore", message=".*expected_writer_count", category=dg.PreviewWarning)
@@ -43,8 +47,14 @@ class DvcResource(dg.ConfigurableResource):
 
         Returns what happened (dvc_exec's result: status ran|skipped|restored, seconds,
         attempts, output tail) and the metadata the stage reported over Pipes.
-        Raises dg.Failure naming the command and showing DVC's last words when it fails.
+        Raises dg.Failure when it fails: the stage's own error message first (what it
+        sent over Pipes, else its `error: ...` line), then DVC's last words; the
+        message is also the Failure's `stage_error` metadata (the alert uses it).
         """
+        try:
+            pipes.progress_interval()  # checked here, before any work, not at the first training step
+        except ValueError as exc:
+            raise dg.Failure(description=str(exc)) from None
         with tempfile.TemporaryDirectory(prefix="nanoforge-dvc-") as tmp:
             result_file = Path(tmp) / "result.json"
             command = [
@@ -52,29 +62,46 @@ class DvcResource(dg.ConfigurableResource):
                 "--grace-s", str(self.grace_s), "--lock-timeout-s", str(self.lock_timeout_s),
                 *(["--exec"] if exec_cmd else []), "--", *args,
             ]
-            client = dg.PipesSubprocessClient(cwd=self.root, termination_timeout_seconds=self.grace_s + 30)
-            failure: Exception | None = None
-            reported: dict[str, dg.MetadataValue] = {}
-            try:
-                invocation = client.run(context=context, command=command, env={
-                    "PYTHONPATH": self.root + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})})
-                for item in invocation.get_results():
-                    if isinstance(item, dg.MaterializeResult) and item.metadata:
-                        reported.update(item.metadata)
-            except DagsterPipesExecutionError as exc:
-                failure = exc
+            outcome = run_command(context, command, self.root, {
+                "PYTHONPATH": self.root + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})},
+                termination_timeout_s=self.grace_s + 30)
             result = json.loads(result_file.read_text()) if result_file.exists() else {
-                "status": "failed", "returncode": None, "command": " ".join(args), "output_tail": "", "seconds": None}
-        if failure is not None or result["status"] not in ("ran", "skipped", "restored", "unknown"):
-            tail = "\n".join(result.get("output_tail", "").strip().splitlines()[-25:])
-            what = {"lock_timeout": "gave up waiting for DVC's lock", "cancelled": "was cancelled"}.get(
-                result["status"], f"failed (exit code {result.get('returncode')})")
-            raise dg.Failure(
-                description=f"`{result['command']}` {what}.\n\nLast output:\n```\n{tail}\n```",
-                metadata={"command": result["command"], "status": result["status"]},
-            )
+                "status": "failed", "returncode": outcome.returncode, "command": " ".join(args), "output_tail": "",
+                "seconds": None}
+        if outcome.returncode != 0 or result["status"] not in ("ran", "skipped", "restored", "unknown"):
+            raise failure(result, outcome)
+        reported = dict(outcome.metadata)
         reported.pop("dvc_status", None)  # dvc_exec's own note; the asset says it better
         return result, reported
+
+
+def failure(result: dict, outcome: Outcome) -> dg.Failure:
+    """The step's failure: the stage's message as its first line, then the command and DVC's last words."""
+    tail = "\n".join(result.get("output_tail", "").strip().splitlines()[-25:])
+    what = {"lock_timeout": "gave up waiting for DVC's lock", "cancelled": "was cancelled"}.get(
+        result["status"], f"failed (exit code {result.get('returncode')})")
+    reason = outcome.error or result.get("stage_error") or error_from_output(result.get("output_tail", ""))
+    if result["status"] in ("lock_timeout", "cancelled"):
+        reason = None  # the command's state says it; a stage line would mislead
+    head = f"{reason}\n\n" if reason else ""
+    metadata = {"command": result["command"], "status": result["status"]}
+    if reason:
+        metadata["stage_error"] = reason
+    return dg.Failure(description=f"{head}`{result['command']}` {what}.\n\nLast output:\n```\n{tail}\n```",
+                      metadata=metadata)
+
+
+def mlflow_ui_url(env: dict[str, str] | None = None) -> str:
+    """Where people open MLflow: the tracking server itself, or `make mlflow` (127.0.0.1:$MLFLOW_PORT, default 5000)."""
+    env = os.environ if env is None else env
+    uri = env.get("MLFLOW_TRACKING_URI", "")
+    if uri.startswith(("http://", "https://")):
+        return uri.rstrip("/")
+    raw = env.get("MLFLOW_PORT", "").strip() or "5000"
+    if not raw.isdigit() or not 0 < int(raw) < 65536:
+        raise ValueError(f"MLFLOW_PORT={raw!r} is not a port number (1-65535): set it to the port `make mlflow` "
+                         "serves on (Dagster's MLflow links use it), or unset it for 5000")
+    return f"http://127.0.0.1:{int(raw)}"
 
 
 class MlflowResource(dg.ConfigurableResource):
@@ -82,7 +109,7 @@ class MlflowResource(dg.ConfigurableResource):
 
     root: str
     tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite:///<root>/mlflow.db
-    ui_url: str = "http://127.0.0.1:5000"  # where `mlflow ui` serves a SQLite store (for links)
+    ui_url: str | None = None  # where links point; default: mlflow_ui_url() when the link is made
 
     _parents: dict = PrivateAttr(default_factory=dict)
 
@@ -134,12 +161,13 @@ class MlflowResource(dg.ConfigurableResource):
             exp = MlflowClient(tracking_uri=self.uri).get_run(run_id).info.experiment_id
         except Exception:
             return out
-        base = self.uri if self.uri.startswith(("http://", "https://")) else self.ui_url
+        base = self.ui_url or mlflow_ui_url({**os.environ, "MLFLOW_TRACKING_URI": self.uri})
         out["mlflow_run_url"] = dg.MetadataValue.url(f"{base.rstrip('/')}/#/experiments/{exp}/runs/{run_id}")
         return out
 
 
 def defs(project) -> dg.Definitions:
+    mlflow_ui_url()  # a bad MLFLOW_PORT is an error at load, naming it, not a broken link later
     return dg.Definitions(resources={
         "dvc": DvcResource(root=str(project.root)),
         "mlflow": MlflowResource(root=str(project.root)),

@@ -27,9 +27,15 @@ def _alive(run: dg.DagsterRun) -> bool:
     return not (pid and host == socket.gethostname() and not psutil.pid_exists(int(pid)))
 
 
-def active_pipeline_runs(instance: dg.DagsterInstance) -> list[str]:
+def active_runs(instance: dg.DagsterInstance, jobs: tuple[str, ...] | None = PIPELINE_JOBS) -> list[str]:
+    """Ids of the runs queued or in progress (of `jobs`; None: any job, UI materializations too)."""
     runs = instance.get_run_records(dg.RunsFilter(statuses=ACTIVE), limit=20)
-    return [r.dagster_run.run_id for r in runs if r.dagster_run.job_name in PIPELINE_JOBS and _alive(r.dagster_run)]
+    return [r.dagster_run.run_id for r in runs
+            if (jobs is None or r.dagster_run.job_name in jobs) and _alive(r.dagster_run)]
+
+
+def active_pipeline_runs(instance: dg.DagsterInstance) -> list[str]:
+    return active_runs(instance, PIPELINE_JOBS)
 
 
 def build_schedule(project: Project) -> dg.ScheduleDefinition:

@@ -1,12 +1,18 @@
 """Sensors: start the pipeline when its inputs change; raise an alert when a run fails.
 
 Notable:
-- `pipeline_inputs_changed` watches params.yaml and data.dvc; its cursor is their
-  hashes. The first look only remembers them. A params change runs the whole
-  pipeline (download params may have changed); a data.dvc change runs the stages
-  after download, unless the pipeline's own download wrote it (its hash equals the
-  `download` asset's latest data version).
-- `alert_on_failure` writes the alert to the run's log, appends it to
+- `pipeline_inputs_changed` watches the params each asset reads (the values of its
+  dvc.yaml `params:`; `download:` for download) and data.dvc; its cursor is their
+  hashes. The first look only remembers them. A change runs the assets whose params
+  changed and everything downstream (an edit to train: runs train, evaluate, report,
+  register); an edit no stage reads (`pipeline.nightly_cron`) runs nothing. A
+  data.dvc change runs the stages after download, unless the pipeline's own
+  download wrote it (its hash equals the `download` asset's latest data version).
+- While any run is queued or in progress it decides nothing and keeps its cursor:
+  the download step writes data.dvc before its materialization is recorded, and a
+  tick in between once queued a spurious run (issue #16).
+- `alert_on_failure` says why in the stage's own words (each failed step's
+  `stage_error`, see resources.py), writes the alert to the run's log, appends it to
   $DAGSTER_HOME/alerts.jsonl, POSTs it as JSON to pipeline.alert_webhook_url when set
   (Slack-style: a `text` field), and marks the run's MLflow parent run FAILED.
 """
@@ -20,17 +26,42 @@ from pathlib import Path
 
 import dagster as dg
 
-from pipelines.project import DOWNLOAD, Project, data_dvc_md5
+from pipelines import dvc_graph
+from pipelines.defs.schedules import active_runs
+from pipelines.project import DOWNLOAD, Project, asset_name, data_dvc_md5, upstream_asset
 
-WATCHED = ("params.yaml", "data.dvc")
+CURSOR_VERSION = 2  # cursors of earlier versions (whole-file hashes) count as a first look
 
 
-def file_digests(root: Path) -> dict[str, str | None]:
-    out = {}
-    for name in WATCHED:
-        path = root / name
-        out[name] = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else None
-    return out
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def input_digests(project: Project) -> dict:
+    """What the sensor compares tick to tick: per asset, a hash of the params values it reads; data.dvc's hash.
+
+    Raises DvcGraphError when a params file is not valid YAML (a save half-way through an edit).
+    """
+    params = {asset_name(s.name): _digest(dvc_graph.param_values(s, project.root)) for s in project.stages}
+    path = project.root / "params.yaml"
+    tree = (dvc_graph._load_yaml(path) or {}) if path.exists() else {}
+    params[DOWNLOAD] = _digest(tree.get("download") if isinstance(tree, dict) else None)  # stages.download reads it
+    return {"version": CURSOR_VERSION, "params": params, "data": data_dvc_md5(project.root)}
+
+
+def downstream(project: Project, starts: list[str]) -> list[str]:
+    """`starts` and every pipeline asset after them, upstream first (what a change there makes stale)."""
+    readers: dict[str, list[str]] = {}  # asset -> the stage assets that read its outputs
+    for stage, ups in project.graph.items():
+        for up in ups:
+            readers.setdefault(upstream_asset(up, project.imports), []).append(asset_name(stage))
+    found, todo = set(), list(starts)
+    while todo:
+        name = todo.pop()
+        if name not in found:
+            found.add(name)
+            todo += readers.get(name, [])
+    return [name for name in project.order if name in found and name in {DOWNLOAD, *project.stage_assets}]
 
 
 def latest_data_version(instance: dg.DagsterInstance, key: dg.AssetKey) -> str | None:
@@ -46,25 +77,40 @@ def build_inputs_sensor(project: Project) -> dg.SensorDefinition:
         job_name="pipeline",
         minimum_interval_seconds=30,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description="Runs the pipeline when params.yaml or data.dvc changes (cursor: their hashes).",
+        description="Runs the assets whose params changed (the values each stage reads) and what is downstream, "
+                    "or the stages after download when data.dvc changed outside the pipeline. Waits while a run "
+                    "is in progress.",
     )
     def pipeline_inputs_changed(context: dg.SensorEvaluationContext):
-        now = file_digests(project.root)
+        try:
+            now = input_digests(project)
+        except dvc_graph.DvcGraphError as exc:  # cursor kept: the edit is looked at again once it parses
+            return dg.SkipReason(f"cannot read the params: {exc}")
         before = json.loads(context.cursor) if context.cursor else None
+        if not isinstance(before, dict) or before.get("version") != CURSOR_VERSION:
+            context.update_cursor(json.dumps(now))
+            return dg.SkipReason("first look: remembering the params each stage reads and data.dvc's hash")
+        changed = [a for a in project.order if a in now["params"] and now["params"][a] != before["params"].get(a)]
+        data_changed = now["data"] != before.get("data")
+        if not changed and not data_changed:
+            context.update_cursor(json.dumps(now))  # e.g. an edit to `pipeline:` (cron) that no stage reads
+            return dg.SkipReason("no stage's params changed, and data.dvc is unchanged")
+        # a run writes data.dvc (download) before Dagster records it: decide once it is over (issue #16)
+        busy = active_runs(context.instance, jobs=None)
+        if busy:
+            return dg.SkipReason(f"run {busy[0]} is in progress: looking again when it is over")
         context.update_cursor(json.dumps(now))
-        if before is None:
-            return dg.SkipReason("first look: remembering the hashes of params.yaml and data.dvc")
-        changed = [name for name in WATCHED if now[name] != before.get(name)]
-        if not changed:
-            return dg.SkipReason("params.yaml and data.dvc unchanged")
-        if "params.yaml" in changed:
-            return dg.RunRequest(tags={"nanoforge/trigger": "params.yaml changed",
-                                       "nanoforge/params_sha256": now["params.yaml"] or ""})
-        md5 = data_dvc_md5(project.root)
-        if md5 is not None and md5 == latest_data_version(context.instance, dg.AssetKey(DOWNLOAD)):
+        starts, why = list(changed), [f"params of {', '.join(changed)} changed"] if changed else []
+        # data.dvc written by the pipeline's own download asset was used by that run already
+        ours = now["data"] == latest_data_version(context.instance, dg.AssetKey(DOWNLOAD))
+        if data_changed and now["data"] is not None and not ours:
+            starts += [a for a in downstream(project, [DOWNLOAD]) if a != DOWNLOAD]
+            why.append("data.dvc changed")
+        if not starts:
             return dg.SkipReason("data.dvc changed by the pipeline's own download asset")
-        return dg.RunRequest(asset_selection=[dg.AssetKey(n) for n in project.stage_assets],
-                             tags={"nanoforge/trigger": "data.dvc changed", "nanoforge/data_dvc_md5": md5 or ""})
+        selection = downstream(project, starts)
+        return dg.RunRequest(asset_selection=[dg.AssetKey(n) for n in selection],
+                             tags={"nanoforge/trigger": "; ".join(why), "nanoforge/changed": ",".join(changed)})
 
     return pipeline_inputs_changed
 
@@ -88,14 +134,19 @@ def build_failure_sensor(project: Project) -> dg.SensorDefinition:
     )
     def alert_on_failure(context: dg.RunFailureSensorContext):
         run = context.dagster_run
-        failed_steps = sorted({e.step_key for e in context.get_step_failure_events() if e.step_key})
-        message = (context.failure_event.message or "").strip()
+        failures = context.get_step_failure_events()
+        failed_steps = sorted({e.step_key for e in failures if e.step_key})
+        # the stages' own messages ("cannot resume ...", a config error), not "Steps failed: [...]"
+        reasons = [(e.step_key, r) for e in failures if (r := step_failure_reason(e))]
+        message = (reasons[0][1] if len(reasons) == 1 else "; ".join(f"{k}: {r}" for k, r in reasons)) or (
+            context.failure_event.message or "").strip()
         alert = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "run_id": run.run_id,
             "job": run.job_name,
             "failed_steps": failed_steps,
             "message": message,
+            "run_message": (context.failure_event.message or "").strip(),
             "trigger": run.tags.get("nanoforge/trigger") or run.tags.get("dagster/schedule_name") or "manual",
         }
         alert["text"] = (f"nanoforge: run {run.run_id[:8]} of `{run.job_name}` failed"
@@ -112,6 +163,18 @@ def build_failure_sensor(project: Project) -> dg.SensorDefinition:
         _fail_parent(run.run_id, alert["text"])
 
     return alert_on_failure
+
+
+def step_failure_reason(event: dg.DagsterEvent) -> str | None:
+    """Why a step failed: the stage's message (the Failure's `stage_error`), else the error's first line."""
+    data = event.event_specific_data
+    user = getattr(data, "user_failure_data", None)
+    stage_error = (user.metadata or {}).get("stage_error") if user else None
+    if stage_error is not None:
+        return str(getattr(stage_error, "value", stage_error))
+    error = getattr(data, "error", None)
+    text = (user.description if user and user.description else getattr(error, "message", "")) or ""
+    return text.strip().splitlines()[0] if text.strip() else None
 
 
 def _fail_parent(dagster_run_id: str, text: str) -> None:

@@ -4,6 +4,9 @@ Notable:
 - One MLflow parent run per Dagster run; the step that finishes last closes it
   (asked of the event log, since the executor picks the order among siblings), a
   failed or cancelled step closes it FAILED or KILLED.
+- The run tag `nanoforge/resume: fresh` (Launchpad or the materialize dialog: "Add
+  tags") starts training over: stage_command forces the stage and sets
+  NANOFORGE_RESUME=fresh for it.
 - Every asset that runs DVC is in the `dvc` pool (limit 1 in .dagster/dagster.yaml):
   DVC holds a repo lock, so they never run at once.
 """
@@ -17,11 +20,44 @@ import dagster as dg
 from nanoforge.tracking import PARENT_ENV, git_info
 from pipelines.defs import checks
 from pipelines.defs.resources import MlflowResource
+from pipelines.dvc_graph import Stage
 from pipelines.project import Project
 
 POOL = "dvc"
 DEFAULT_GROUP = "pipeline"
 DEFAULT_OWNERS = ("team:nanoforge",)
+RESUME_TAG = "nanoforge/resume"  # a run tag: `fresh` starts training over
+RESUME_ENV = "NANOFORGE_RESUME"  # what stages.train reads (nanoforge/training/plan.py's RESUME_ENV)
+RESUME_MODES = ("auto", "fresh")
+
+
+def resume_mode(context: dg.AssetExecutionContext) -> str:
+    """The run's `nanoforge/resume` tag: auto (the default: resume when the params match) or fresh."""
+    raw = context.run.tags.get(RESUME_TAG)
+    value = (raw or "auto").strip().lower()
+    if value not in RESUME_MODES:
+        raise dg.Failure(description=f"run tag {RESUME_TAG}={raw!r} is not one of {', '.join(RESUME_MODES)} "
+                                     "(fresh: start training over, old checkpoints archived); fix or remove the tag")
+    return value
+
+
+def resumable(stage: Stage) -> bool:
+    """A stage that resumes from state it keeps between runs: `meta: {dagster: {resumable: true}}`
+    in dvc.yaml, or by default the one that runs stages.train (its checkpoints are no DVC output)."""
+    flag = ((stage.meta or {}).get("dagster") or {}).get("resumable")
+    return bool(flag) if flag is not None else "stages.train" in stage.cmd.split()
+
+
+def stage_command(context: dg.AssetExecutionContext, stage: Stage) -> tuple[list[str], dict[str, str]]:
+    """The dvc arguments and extra environment for a stage's step.
+
+    With the run tag `nanoforge/resume: fresh`, a resumable stage (train) runs even
+    when DVC calls it up to date (`--force`) with NANOFORGE_RESUME=fresh, so it starts
+    over; other stages are unaffected.
+    """
+    if resume_mode(context) == "fresh" and resumable(stage):
+        return ["repro", "--force", "--single-item", stage.name], {RESUME_ENV: "fresh"}
+    return ["repro", "--single-item", stage.name], {}
 
 
 def run_assets(context: dg.AssetExecutionContext) -> set[dg.AssetKey]:
@@ -63,8 +99,11 @@ class Step:
         return {**self.mlflow.env(), **({PARENT_ENV: self.parent} if self.parent else {})}
 
     def failed(self, exc: BaseException) -> None:
-        self.mlflow.close_parent(self.parent, "KILLED" if interrupted(exc) else "FAILED",
-                                 {"failed_asset": self.context.asset_key.to_user_string()})
+        tags = {"failed_asset": self.context.asset_key.to_user_string()}
+        reason = (getattr(exc, "metadata", None) or {}).get("stage_error")
+        if reason is not None:
+            tags["error"] = str(getattr(reason, "value", reason))[:1000]
+        self.mlflow.close_parent(self.parent, "KILLED" if interrupted(exc) else "FAILED", tags)
 
     def done(self, check_results: list[dg.AssetCheckResult], asset: str, result: dict | None = None) -> None:
         if result is not None:

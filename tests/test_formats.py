@@ -175,3 +175,22 @@ def test_download_counts_the_bytes_it_fetched(tmp_path):
     report = download.download_shards([0, 1, 1822], cfg, sources, directory=tmp_path / "out")
     size = sum(p.stat().st_size for p in (tmp_path / "mirror").iterdir())
     assert sorted(report.downloaded) == [0, 1, 1822] and report.transferred == size > 0
+
+
+def test_an_up_to_date_evaluate_still_shows_the_core_task_table(tmp_path):
+    # per-task results left metrics.json for details.json; Dagster keeps their table, not the timings and ids
+    from pipelines.defs.metadata import stage_metadata
+    from pipelines.dvc_graph import Out, Stage
+
+    (tmp_path / "artifacts/eval").mkdir(parents=True)
+    (tmp_path / "artifacts/eval/metrics.json").write_text(json.dumps({"val_bpb": BPB, "val_bpb_tokens": 65536,
+                                                                      "core": 0.0737}))
+    (tmp_path / "artifacts/eval/details.json").write_text(json.dumps({
+        "tasks": {"arc_easy": {"accuracy": 0.25, "centered": 0.0, "items": 9}}, "eval_seconds": 95.0,
+        "mlflow_run_id": "abc", "notes": {}}))
+    stage = Stage("evaluate", "python -m stages.evaluate", (), (), (
+        Out("artifacts/eval/metrics.json", kind="metric", cache=False), Out("artifacts/eval/details.json", cache=False)))
+    meta = {k: v.value for k, v in stage_metadata(stage, tmp_path).items()}
+    assert "| arc_easy | 0.25 | 0 | 9 |" in meta["tasks_table"]
+    assert meta["val_bpb"] == 2.3357 and meta["val_bpb_tokens"] == 65536
+    assert "eval_seconds" not in meta and "mlflow_run_id" not in meta

@@ -185,12 +185,28 @@ def html_metadata(stage: Stage, root: Path) -> dict[str, dg.MetadataValue]:
             for o in stage.outs if o.path.endswith(".html") and (root / o.path).exists()}
 
 
+def details_tables(path: Path) -> dict[str, dg.MetadataValue]:
+    """The record tables of a plain `details.json` output (CORE per task), not its scalars (timings, ids)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {f"{key}_table": dg.MetadataValue.md(records_table(value, label=key.rstrip("s") or key))
+            for key, value in data.items() if is_records(value)}
+
+
 def stage_metadata(stage: Stage, root: Path) -> dict[str, dg.MetadataValue]:
     out: dict[str, dg.MetadataValue] = {}
     for metric in stage.outs_of("metric"):
         path = root / metric.path
         if path.suffix in (".json",) and path.exists():
             out.update(metrics_metadata(path))
+    for plain in stage.outs_of("out"):  # the tables people look at moved out of metrics.json with the details
+        path = root / plain.path
+        if path.name == "details.json" and path.exists():
+            out.update(details_tables(path))
     out.update(html_metadata(stage, root))
     out.update(plot_metadata(stage, root))
     return out

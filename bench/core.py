@@ -236,6 +236,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--tasks", default=None, help="comma-separated labels (default: every task)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
     parser.add_argument("--bpb-rows", type=int, default=64, help="rows of seq tokens for the BPB timing (0: skip)")
     args = parser.parse_args(argv)
     nc, nl = import_nanochat(args.against.resolve())
@@ -303,14 +304,14 @@ def main(argv=None) -> int:
               f"vs {bpb['bpb']['ours']:.6f}")
     load1 = os.getloadavg()
     print(f"load average: {load0[0]:.2f} at start, {load1[0]:.2f} at the end (1-minute); numbers under shared load")
-    write_json(RESULTS, {
+    write_json(args.out, {
         "against": str(args.against), "model": {"depth": args.depth, "sequence_len": args.seq, "vocab_size": tok.vocab_size},
         "crop": max_len, "batch_tokens": batch_tokens, "threads": torch.get_num_threads(), "tasks_source": source,
         "rounds": args.rounds, "load_average": {"start": load0, "end": load1}, "per_task": per_task, "by_type": types,
         "total": total, "accuracy_equal": equal, "decision_differences": all_diffs, "all_differences_ties": ties,
         "tie_tolerance": TIE_TOLERANCE, "bpb": bpb,
     })
-    print(f"wrote {RESULTS}")
+    print(f"wrote {args.out}")
     return 0 if equal and ties else 1
 
 

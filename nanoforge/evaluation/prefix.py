@@ -16,8 +16,9 @@ Notable:
   grouped while their common prefix is at least `MIN_SHARED` tokens; cropping a long
   row to the context moves its start, so cropped options of different lengths do
   not share (their hidden states differ) and are scored as rows of their own.
-- Only the scored positions go through the LM head (nanochat computes the logits
-  and cross-entropy of every position).
+- Only the scored positions go through the last block's queries, attention output and
+  MLP, and through the LM head (nanochat computes every position to the logits and
+  their cross-entropy); the last block's keys and values still cover every position.
 - Needs nanoforge's GPT (it uses the model's layers directly); `supports(model)` says
   whether a model can take this path. The math mirrors `GPT.forward`; the tests
   check the two agree, so a change to one that is not made to the other fails there.
@@ -99,6 +100,45 @@ def _attend(attn, x, cos, sin, mask):
     return attn.c_proj(y.transpose(1, 2).contiguous().view(B, T, -1))
 
 
+def _query_slots(select: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per batch row, the selected positions padded to the longest count: (idx (B, Q), rank (N,)).
+
+    Selected position n lives at idx[select[n, 0], rank[n]]; padding slots point at position 0.
+    """
+    b_of = select[:, 0]
+    counts = torch.bincount(b_of, minlength=batch)
+    starts = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(b_of, stable=True)
+    rank = torch.empty_like(b_of)
+    rank[order] = torch.arange(len(b_of), device=b_of.device) - starts[b_of[order]]
+    idx = torch.zeros((batch, max(1, int(counts.max()))), dtype=torch.long, device=b_of.device)
+    idx[b_of, rank] = select[:, 1]
+    return idx, rank
+
+
+def _last_block(block, x, cos, sin, mask, idx):
+    """The last block at the positions `idx` (B, Q) only: keys and values still come from every position.
+
+    Nothing after the last block looks at the other positions, so their queries, attention
+    output, projection and MLP (about 85% of the block's work) are never computed.
+    """
+    attn = block.attn
+    B, T, C = x.size()
+    rows = torch.arange(B, device=x.device)[:, None]
+    h = norm(x)
+    k = attn.c_k(h).view(B, T, attn.n_kv_head, attn.head_dim)
+    v = attn.c_v(h).view(B, T, attn.n_kv_head, attn.head_dim)
+    k = norm(apply_rotary_emb(k, cos, sin))
+    Q = idx.size(1)
+    q = attn.c_q(h[rows, idx]).view(B, Q, attn.n_head, attn.head_dim)
+    q = norm(apply_rotary_emb(q, cos[rows, idx], sin[rows, idx]))
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=mask[rows, 0, idx][:, None],
+                                       enable_gqa=attn.n_head != attn.n_kv_head)
+    xq = x[rows, idx] + attn.c_proj(y.transpose(1, 2).contiguous().view(B, Q, -1))
+    return xq + block.mlp(norm(xq))
+
+
 def tree_forward(model: GPT, ids: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor,
                  select: torch.Tensor) -> torch.Tensor:
     """Softcapped float32 logits (N, vocab) at the packed positions `select` (N, 2) = (batch, index).
@@ -112,11 +152,13 @@ def tree_forward(model: GPT, ids: torch.Tensor, pos: torch.Tensor, seg: torch.Te
     mask = (pos[:, None, :] <= pos[:, :, None]) & (same | (seg[:, None, :] == 0))
     mask = mask[:, None]  # (B, 1, T, T): query rows, key columns
     x = norm(model.transformer.wte(ids))
-    for block in model.transformer.h:
+    blocks = model.transformer.h
+    for block in blocks[:-1]:
         x = x + _attend(block.attn, norm(x), cos, sin, mask)
         x = x + block.mlp(norm(x))
-    x = norm(x[select[:, 0], select[:, 1]])
-    logits = model.lm_head(x)[..., : model.config.vocab_size].float()
+    idx, rank = _query_slots(select, ids.size(0))
+    x = _last_block(blocks[-1], x, cos, sin, mask, idx)[select[:, 0], rank]
+    logits = model.lm_head(norm(x))[..., : model.config.vocab_size].float()
     return SOFTCAP * torch.tanh(logits / SOFTCAP)
 
 

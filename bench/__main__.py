@@ -11,7 +11,7 @@ speed on this machine, so run them on a quiet one. `bench.mirror` is a tool
 import subprocess
 import sys
 
-BENCHMARKS = ["download", "tokenizer", "train", "core", "orchestration"]
+BENCHMARKS = ["download", "tokenizer", "train", "core", "orchestration", "oversubscribed"]
 
 
 def main(argv: list[str]) -> int:

@@ -218,3 +218,9 @@ def test_a_real_cgroup_quota_of_one_cpu_gives_one_torch_thread(tmp_path):
     # the old code: torch's default (the affinity mask, which the quota leaves alone): 2 threads on 1 CPU of quota
     assert out["usable"] == 1 and out["torch"] == 1 and out["loader"] == 1, out
     assert out["plan"].startswith("threads: 1 torch, 1 loader, on 1 usable CPUs"), out
+
+
+def test_loader_threads_by_device():
+    assert cpus.loader_threads("cpu", 64) == 1
+    assert cpus.loader_threads("cuda", 64) == 4 and cpus.loader_threads("cuda", 4) == 2
+    assert cpus.loader_threads("mps", 1) == 1

@@ -127,3 +127,13 @@ def test_loader_errors_reach_the_training_loop(data, tmp_path):
         for _ in range(10_000):
             next(loader)
     loader.close()
+
+
+def test_tokenizer_threads_default_to_one_on_cpu_and_never_exceed_the_usable_cpus(data):
+    from nanoforge.cpus import usable_cpus
+
+    paths, tok = data
+    loader = TrainLoader(paths, tok, T, 2, 4 * T)
+    assert loader.stream.threads == 1  # was 4: a pool beside the compute threads only preempted them
+    loader.close()
+    assert TokenStream(paths, tok, T, threads=64).threads == usable_cpus()  # a cgroup quota included

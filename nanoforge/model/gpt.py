@@ -11,8 +11,9 @@ Notable:
   callers never see it.
 - The loss runs head, softcap and cross-entropy in chunks of positions
   (`LOSS_CHUNK_BYTES` of fp32 logits each) without gradients (BPB, evaluation) and
-  when training on CUDA (chunks under activation checkpointing), so the fp32 logits
-  are never several copies of B x T x vocab; CPU training keeps the plain path.
+  when training on CUDA (chunks under activation checkpointing, run eager: a graph
+  break under torch.compile), so the fp32 logits are never several copies of
+  B x T x vocab; CPU training keeps the plain path, bit for bit.
 - Init as nanochat: linear std 1/sqrt(fan_in)*min(1, sqrt(fan_out/fan_in)),
   embedding N(0, 1), LM head and both output projections zero.
 - `estimate_flops()` is nanochat's: 6*(params - embedding) + 12*L*heads*head_dim*T.
@@ -220,6 +221,10 @@ class GPT(nn.Module):
     def _chunk_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self._logits(x), targets, ignore_index=-1, reduction="none")
 
+    # Eager even inside torch.compile (a graph break): activation checkpointing is a
+    # higher-order op to dynamo, which compiled DDP does not bucket (pytorch#104674); eager,
+    # it is plain autograd, and each chunk's memory is bounded anyway.
+    @torch.compiler.disable
     def _chunked_loss(self, x: torch.Tensor, targets: torch.Tensor, loss_reduction: str, rows: int):
         B, T, C = x.size()
         flat_x, flat_y = x.reshape(-1, C), targets.reshape(-1).long()

@@ -38,7 +38,7 @@ DRY = os.environ.get(DRY_RUN_ENV) == "1"
 SEQ, BATCH, VOCAB, ACCUM = (64, 2, 512, 2) if DRY else (2048, 32, 65_536, 2)
 DEVICE = "cpu" if DRY else "cuda"
 # seconds of the default 480-second budget each part may use (what is left over rolls on)
-SHARES = {"tests": 210, "throughput_d12": 70, "throughput_d20": 140, "core": 50}
+SHARES = {"tests": 240, "throughput_d12": 60, "throughput_d20": 135, "core": 40}
 
 
 def device_info() -> dict:
@@ -182,8 +182,8 @@ def one(name: str) -> dict:
     if name == "tests":
         return part_tests()
     if name.startswith("throughput_d"):
-        return part_throughput(2 if DRY else int(name.removeprefix("throughput_d")), steps=1 if DRY else 5,
-                               warmup=0 if DRY else 2)
+        return part_throughput(2 if DRY else int(name.removeprefix("throughput_d")), steps=1 if DRY else 4,
+                               warmup=0 if DRY else 1)
     if name == "core":
         return part_core()
     raise SystemExit(f"--one {name}: expected one of {', '.join(SHARES)}")

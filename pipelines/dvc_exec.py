@@ -26,6 +26,7 @@ Notable:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -185,17 +186,22 @@ def what_dvc_did(output: bytes) -> str:
 
 
 def error_from_output(output: str) -> str | None:
-    """The stage's error as its output states it: its last `error: ...` line, else the last
-    Python exception, else DVC's last `ERROR:` line.
+    """The stage's error as its output states it: its last `error: ...` line (with the indented
+    lines that continue it), else the last Python exception, else DVC's last `ERROR:` line.
 
     For a stage that could not say it over Pipes (a crash, an old stage). Exceptions
     that only wrap another (torchrun's ChildFailedError) are skipped.
     """
-    lines = [line.strip() for line in output.replace("\r", "\n").splitlines()]
+    raw = output.replace("\r", "\n").splitlines()
+    lines = [line.strip() for line in raw]
     for prefix in ("error: ", "error (rank"):  # rank 0 prints the whole message, other ranks its first line
-        for line in reversed(lines):
-            if line.startswith(prefix) and ": " in line:
-                return line.split(": ", 1)[1].strip() or None
+        for i in reversed(range(len(lines))):
+            if lines[i].startswith(prefix) and ": " in lines[i]:
+                message = [lines[i].split(": ", 1)[1].strip()]
+                # a message of several lines goes on indented ("params.yaml: invalid config" + one per key)
+                message += [line.strip() for line in itertools.takewhile(
+                    lambda line: line[:1] in (" ", "\t") and line.strip(), raw[i + 1:])]
+                return "\n".join(m for m in message if m) or None
     for line in reversed(lines):
         m = _EXCEPTION_LINE.match(line)
         if m and m.group(1) not in WRAPPERS:

@@ -119,6 +119,8 @@ def test_the_stage_error_is_found_below_torchrun_and_dvc():
     assert error_from_output("ERROR: failed to reproduce 'x': output 'out/x' does not exist\n") == (
         "failed to reproduce 'x': output 'out/x' does not exist")
     assert error_from_output("error (rank 1): shards missing\n") == "shards missing"
+    several = "error: params.yaml: invalid config\n  train.depth=0 is below 1\n  train.seed='x' is not an integer\nE1203 x\n"
+    assert error_from_output(several) == "params.yaml: invalid config\ntrain.depth=0 is below 1\ntrain.seed='x' is not an integer"
     assert error_from_output("all fine\n") is None
 
 

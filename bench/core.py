@@ -28,7 +28,7 @@ Notable:
   full row; also against what nanochat forwards (each item's options padded to the
   longest).
 - Other processes share the CPU: the load average is printed and saved with the numbers.
-- Writes bench/results/core.json.
+- Writes bench/results/core.json (`--out`), also after every task ("complete": false).
 """
 
 from __future__ import annotations
@@ -277,6 +277,10 @@ def main(argv=None) -> int:
                "accuracy_equal": nano_acc == result.accuracy, "max_mean_loss_diff_shared_vs_full": worst,
                "tokens": tokens, "notes": result.notes}
         per_task.append(row)
+        # after every task, so a run stopped early (a busy machine) still leaves its numbers
+        write_json(args.out, {"complete": False, "crop": max_len, "rounds": args.rounds, "threads": torch.get_num_threads(),
+                              "load_average": {"start": load0, "now": os.getloadavg()}, "per_task": per_task,
+                              "by_type": by_type(per_task), "decision_differences": all_diffs})
         saved = 1 - tokens["packed_tokens"] / tokens["row_tokens"]
         print(f"{task.label:<36}{task.kind:<18}{len(data):>6}{len(data) / row['nanochat_s']:>11.1f}"
               f"{len(data) / row['ours_s']:>9.1f}{row['nanochat_s'] / row['ours_s']:>6.2f}{saved:>7.0%}"
@@ -305,7 +309,7 @@ def main(argv=None) -> int:
     load1 = os.getloadavg()
     print(f"load average: {load0[0]:.2f} at start, {load1[0]:.2f} at the end (1-minute); numbers under shared load")
     write_json(args.out, {
-        "against": str(args.against), "model": {"depth": args.depth, "sequence_len": args.seq, "vocab_size": tok.vocab_size},
+        "complete": True, "against": str(args.against), "model": {"depth": args.depth, "sequence_len": args.seq, "vocab_size": tok.vocab_size},
         "crop": max_len, "batch_tokens": batch_tokens, "threads": torch.get_num_threads(), "tasks_source": source,
         "rounds": args.rounds, "load_average": {"start": load0, "end": load1}, "per_task": per_task, "by_type": types,
         "total": total, "accuracy_equal": equal, "decision_differences": all_diffs, "all_differences_ties": ties,

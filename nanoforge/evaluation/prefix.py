@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nanoforge.model.gpt import GPT, SOFTCAP, apply_rotary_emb, norm
+from nanoforge.model.gpt import GPT, apply_rotary_emb, norm
 
 MIN_SHARED = 4  # rows of an item join a group when they share at least this many leading tokens
 
@@ -158,8 +158,7 @@ def tree_forward(model: GPT, ids: torch.Tensor, pos: torch.Tensor, seg: torch.Te
         x = x + block.mlp(norm(x))
     idx, rank = _query_slots(select, ids.size(0))
     x = _last_block(blocks[-1], x, cos, sin, mask, idx)[select[:, 0], rank]
-    logits = model.lm_head(norm(x))[..., : model.config.vocab_size].float()
-    return SOFTCAP * torch.tanh(logits / SOFTCAP)
+    return model._logits(norm(x))  # the model's own head: vocabulary crop, fp32 softcap
 
 
 @torch.no_grad()

@@ -65,7 +65,7 @@ def test_stage_end_to_end_is_deterministic_and_tracked(tmp_path):
         proc = run([sys.executable, "-m", "stages.tokenizer"], cwd=root, env=env)
         outs.append(root / "artifacts" / "tokenizer")
     a, b = outs
-    assert sorted(p.name for p in a.iterdir()) == sorted([RANKS_FILE, META_FILE, "metrics.json"])
+    assert sorted(p.name for p in a.iterdir()) == sorted([RANKS_FILE, META_FILE, "details.json", "metrics.json"])
     assert (b / ".gitignore").read_text() == "/tokenizer.tiktoken\n"
     umask = os.umask(0)
     os.umask(umask)
@@ -74,7 +74,11 @@ def test_stage_end_to_end_is_deterministic_and_tracked(tmp_path):
     for f in (RANKS_FILE, META_FILE):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f"{f} differs between two identical runs"
 
-    m = read_json(a / "metrics.json")
+    metrics = read_json(a / "metrics.json")
+    # issue 15.7: the metrics file holds only numbers people compare (no notes, names, hashes or run ids)
+    assert all(isinstance(v, (int, float, dict)) for v in metrics.values()), metrics
+    assert not {"baselines", "warnings", "train_shards", "ranks_sha256", "mlflow_run_id"} & set(metrics)
+    m = {**read_json(a / "details.json"), **metrics}
     assert CONTRACT_KEYS <= set(m)
     assert m["vocab_size"] == 400 and m["roundtrip_ok"] is True and m["roundtrip_failures"] == 0
     manifest = read_manifest(tmp_path / "a" / "data" / "fineweb" / "MANIFEST.json")
@@ -104,7 +108,7 @@ def test_stage_end_to_end_is_deterministic_and_tracked(tmp_path):
     assert r.data.metrics["train_chars"] == m["train_chars"] and "bpt.code.ours" in r.data.metrics
     assert r.data.tags["tokenizer.ranks_sha256"] == meta["ranks_sha256"]
     logged = {f.path for f in client.list_artifacts(r.info.run_id, "tokenizer")}
-    assert logged == {f"tokenizer/{n}" for n in (RANKS_FILE, META_FILE, "metrics.json")}
+    assert logged == {f"tokenizer/{n}" for n in (RANKS_FILE, META_FILE, "details.json", "metrics.json")}
 
 
 def test_training_reads_training_shards_only_and_stops_at_max_chars(tmp_path):
@@ -141,7 +145,8 @@ def test_a_vocab_the_text_cannot_fill_and_doc_cap_shortfalls_are_warnings(tmp_pa
     # the manifest holds enough characters, but doc_cap leaves less; and 5000 tokens is more than it can fill
     code = main(["--set", "vocab_size=5000", "--set", f"max_chars={total - 1}", "--set", "doc_cap=100"])
     assert code == 0
-    m = read_json(root / "artifacts" / "tokenizer" / "metrics.json")
+    m = {**read_json(root / "artifacts" / "tokenizer" / "details.json"),
+         **read_json(root / "artifacts" / "tokenizer" / "metrics.json")}
     (meta,) = reported
     assert meta["vocab_size"] == m["vocab_size"] and meta["val_bytes_per_token"] == m["val_bytes_per_token"]
     assert meta["warnings"] == 2 and "mlflow_run_id" in meta
@@ -249,7 +254,7 @@ def test_tiny_preset_on_real_fineweb_sample(tmp_path, monkeypatch):
     # the pipeline's tokenizer asset check wants >= 3.0 bytes/token on the validation text
     assert m["val_bytes_per_token"] > 3.0
     assert m["compression"]["prose"]["ours"] > m["compression"]["non_english"]["ours"]
-    assert m["train_seconds"] < 30
+    assert read_json(tmp_path / "artifacts" / "tokenizer" / "details.json")["train_seconds"] < 30
 
 
 def test_dvc_repro_runs_the_stage_and_then_skips_it(tmp_path, monkeypatch):

@@ -61,6 +61,7 @@ TRAIN_BPB_BUDGET, EVAL_BPB_BUDGET = "train.eval_tokens", "evaluate.val_tokens"
 INPUTS = {
     "manifest": (MANIFEST_FILE, "download", "json"),
     "tokenizer": (TOKENIZER_DIR / "metrics.json", "tokenizer", "json"),
+    "tokenizer_details": (TOKENIZER_DIR / "details.json", "tokenizer", "json"),
     "model": (MODEL_DIR / "config.json", "train", "json"),
     "train": (TRAIN_DIR / "metrics.json", "train", "json"),
     "train_details": (TRAIN_DIR / "details.json", "train", "json"),
@@ -128,7 +129,7 @@ def load_inputs(root: Path = Path(".")) -> Inputs:
             found.problems[name] = f"Not run: `{rel}` is not a JSON object."
             continue
         found.values[name] = value
-    for stage in ("train", "eval"):  # one view per stage: its details, with the compared numbers winning
+    for stage in ("tokenizer", "train", "eval"):  # one view per stage: its details, with the compared numbers winning
         details = found.values.pop(f"{stage}_details", None)
         found.problems.pop(f"{stage}_details", None)  # outputs written before details.json existed
         if stage in found.values and details:

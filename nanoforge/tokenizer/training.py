@@ -51,6 +51,11 @@ from nanoforge.tokenizer.texts import TEXTS
 log = get_logger("tokenizer")
 
 METRICS_FILE = "metrics.json"
+DETAILS_FILE = "details.json"
+# metrics.json: only the numbers people compare across runs (`dvc metrics show`, `dvc exp show`);
+# the rest (shard names, notes, warnings, hashes, timings, run id) goes to details.json
+METRICS = ("vocab_size", "num_merges", "train_chars", "train_docs", "chars_per_sec", "val_bytes_per_token",
+           "roundtrip_ok", "compression")
 BASELINE_TIMEOUT_S = 20.0  # a download attempt for a baseline encoding, when it is not cached
 PROGRESS_EVERY_S = 10.0
 
@@ -292,7 +297,7 @@ def staging_dir(target: Path) -> Iterator[Path]:
     """A temporary directory beside `target`; on success its files move into `target` one by one.
 
     Not a swap of the whole directory: DVC keeps a .gitignore in it. The ranks file
-    moves first, the meta that pins its sha256 next, metrics.json last, so an
+    moves first, the meta that pins its sha256 next, details.json, metrics.json last, so an
     interrupted move leaves a pair the loader refuses, never a wrong tokenizer.
     """
     target = Path(target)
@@ -303,7 +308,7 @@ def staging_dir(target: Path) -> Iterator[Path]:
         target.mkdir(exist_ok=True)
         umask = os.umask(0)
         os.umask(umask)
-        for name in (RANKS_FILE, META_FILE, METRICS_FILE):
+        for name in (RANKS_FILE, META_FILE, DETAILS_FILE, METRICS_FILE):
             (tmp / name).chmod(0o666 & ~umask)  # temp files are created private; the tokenizer is not
             os.replace(tmp / name, target / name)
     finally:
@@ -408,7 +413,8 @@ def run_stage(cfg: TokenizerConfig, inputs: Inputs, run) -> tuple[dict, str]:
             "warnings": warnings,
             "mlflow_run_id": run.run_id,
         }
-        write_json(tmp / METRICS_FILE, metrics)
+        write_json(tmp / DETAILS_FILE, {k: v for k, v in metrics.items() if k not in METRICS})
+        write_json(tmp / METRICS_FILE, {k: metrics[k] for k in METRICS})
 
     run.log_metrics({
         "vocab_size": metrics["vocab_size"],

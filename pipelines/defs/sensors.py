@@ -103,11 +103,14 @@ def build_inputs_sensor(project: Project) -> dg.SensorDefinition:
         starts, why = list(changed), [f"params of {', '.join(changed)} changed"] if changed else []
         # data.dvc written by the pipeline's own download asset was used by that run already
         ours = now["data"] == latest_data_version(context.instance, dg.AssetKey(DOWNLOAD))
-        if data_changed and now["data"] is not None and not ours:
-            starts += [a for a in downstream(project, [DOWNLOAD]) if a != DOWNLOAD]
+        readers = [a for a in downstream(project, [DOWNLOAD]) if a != DOWNLOAD]
+        if data_changed and now["data"] is not None and not ours and readers:
+            starts += readers
             why.append("data.dvc changed")
         if not starts:
-            return dg.SkipReason("data.dvc changed by the pipeline's own download asset")
+            return dg.SkipReason("data.dvc is gone: nothing to run" if now["data"] is None
+                                 else "data.dvc changed by the pipeline's own download asset" if ours
+                                 else "data.dvc changed, but no stage reads data/")
         selection = downstream(project, starts)
         return dg.RunRequest(asset_selection=[dg.AssetKey(n) for n in selection],
                              tags={"nanoforge/trigger": "; ".join(why), "nanoforge/changed": ",".join(changed)})

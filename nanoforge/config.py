@@ -292,6 +292,47 @@ class PipelineConfig(Section):
         return self
 
 
+# Slurm's --time formats: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS, or no limit
+_SLURM_TIME = re.compile(r"\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d{1,2}(:\d{1,2}){0,2}|UNLIMITED|INFINITE",
+                         re.IGNORECASE)
+
+
+class LaunchConfig(Section):
+    NOTE = "how train and evaluate run (python -m nanoforge.launch, dvc.yaml's command): here, or as a Slurm job"
+
+    launcher: Literal["local", "slurm"] = Field("local", description="local = torchrun --standalone on this "
+                                                                     "machine | slurm = sbatch a job, wait for it")
+    nodes: int = Field(1, ge=1, description="nodes of the Slurm job, one torchrun agent on each (local: 1)")
+    tasks_per_node: int | None = Field(None, ge=1, description="processes per node; null = the stage's "
+                                                               "nproc_per_node")
+    gpus_per_node: int = Field(0, ge=0, description="GPUs asked of Slurm per node (--gpus-per-node); 0 on CPU")
+    partition: str | None = Field(None, description="Slurm partition (checked with sinfo); null = the cluster's "
+                                                    "default")
+    account: str | None = Field(None, description="Slurm account to charge; null = your default")
+    time_limit: str | None = Field(None, description="Slurm --time, e.g. 30, 4:00:00 or 1-12:00:00; null = the "
+                                                     "partition's limit")
+    sbatch_options: list[str] = Field([], description="extra sbatch flags, one per item, e.g. --qos=high, "
+                                                      "--cpus-per-task=16")
+    rdzv_port: int = Field(29500, ge=1, le=65535, description="c10d rendezvous port on the job's first node")
+
+    @model_validator(mode="after")
+    def _valid(self):
+        if self.launcher == "local" and self.nodes != 1:
+            raise ValueError(f"launch.nodes={self.nodes} needs launch.launcher: slurm (local runs on one node)")
+        if self.time_limit is not None and not _SLURM_TIME.fullmatch(self.time_limit.strip()):
+            raise ValueError(f"launch.time_limit={self.time_limit!r} is not a Slurm time: minutes, HH:MM:SS "
+                             "or D-HH:MM:SS, e.g. '4:00:00'")
+        for key in ("partition", "account"):
+            value = getattr(self, key)
+            if value is not None and (not value.strip() or any(c.isspace() for c in value)):
+                raise ValueError(f"launch.{key}={value!r}: give one name, or null for the default")
+        bad = [o for o in self.sbatch_options if not o.startswith("-") or "\n" in o]
+        if bad:
+            raise ValueError(f"launch.sbatch_options: each item is one sbatch flag starting with '-' "
+                             f"(e.g. --qos=high), got {bad}")
+        return self
+
+
 class Params(Section):
     download: DownloadConfig = DownloadConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -299,6 +340,7 @@ class Params(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     report: ReportConfig = ReportConfig()
     pipeline: PipelineConfig = PipelineConfig()
+    launch: LaunchConfig = LaunchConfig()
 
 
 SECTIONS = tuple(Params.model_fields)

@@ -191,7 +191,7 @@ class Load:
         return False
 
 
-def result(lines: list[str], timed_out: bool) -> dict:
+def result(lines: list[str], timed_out: bool, limit: float) -> dict:
     """The worker's head line and step lines -> one measurement; tok/s over the steps it finished."""
     records = [json.loads(line) for line in lines if line.startswith("{")]
     head = next((r for r in records if "policy" in r), None)
@@ -205,6 +205,7 @@ def result(lines: list[str], timed_out: bool) -> dict:
     return {**head, "steps": len(steps), "tok_per_sec": tokens / sum(steps) if steps else None,
             "tok_per_cpu_sec": tokens / cpu if steps and cpu > 0 else None,
             "median_step_s": statistics.median(steps) if steps else None, "timed_out": timed_out,
+            "tok_per_sec_below": None if steps else head["tokens_per_step"] / limit,  # not one step in the limit
             "at_end": tail.get("at_end", machine_load())}
 
 
@@ -229,30 +230,45 @@ def measure(scratch: Path, spec: str, seconds: float, busy: int, settle: float, 
         finally:
             watchdog.cancel()
     timed_out = proc.returncode == -9
-    measured = result(out.splitlines(), timed_out)
+    measured = result(out.splitlines(), timed_out, limit)
     if ready != "ready" or not measured or (proc.returncode != 0 and not timed_out):
         raise SystemExit(f"worker {spec} failed ({proc.returncode}):\n{err[-4000:]}")
     return measured
 
 
-def fmt(tok: float | None) -> str:
-    return "no step" if tok is None else f"{tok:,.0f}"
+def fmt(tok: float | None, below: float | None = None) -> str:
+    if tok is None:
+        return f"<{below:,.0f}" if below else "no step"
+    return f"{tok:,.0f}"
 
 
-def summarize(rows: list[dict], policies: list[str]) -> dict:
+def summarize(rows: list[dict], policies: list[str], cpus: int) -> dict:
+    """Median quiet and loaded tok/s per policy; says so when the "quiet" runs shared the machine."""
     summary = {}
+    busiest = max(r["quiet"]["at_start"]["load1"] for r in rows)
+    quiet_was_quiet = busiest < 0.5 * cpus
     for spec in policies:
         mine = [r for r in rows if r["policy"] == spec]
         quiet = statistics.median(r["quiet"]["tok_per_sec"] or 0.0 for r in mine)
         loaded = statistics.median(r["loaded"]["tok_per_sec"] or 0.0 for r in mine)
         if not quiet:
-            print(f"{spec}: no quiet step finished in the time limit")
+            below = max(r["quiet"]["tok_per_sec_below"] or 0.0 for r in mine)
+            summary[spec] = {"quiet_tok_per_sec": None, "quiet_tok_per_sec_below": below, "quiet_was_quiet": quiet_was_quiet}
+            print(f"{spec}: not one quiet step in --limit (below {below:,.0f} tok/s), so no share to give")
             continue
+        below = max((r["loaded"]["tok_per_sec_below"] or 0.0 for r in mine), default=0.0) if not loaded else None
         summary[spec] = {"quiet_tok_per_sec": round(quiet, 1), "loaded_tok_per_sec": round(loaded, 1),
-                         "loaded_share": round(loaded / quiet, 3), "meets_goal": loaded / quiet >= GOAL}
+                         "loaded_tok_per_sec_below": below, "loaded_share": round(loaded / quiet, 3),
+                         "meets_goal": loaded / quiet >= GOAL, "quiet_was_quiet": quiet_was_quiet,
+                         "tok_per_cpu_sec": {k: statistics.median(r[k]["tok_per_cpu_sec"] or 0.0 for r in mine)
+                                             for k in ("quiet", "loaded")}}
         print(f"{spec}: quiet {quiet:,.0f} tok/s, loaded {loaded:,.0f} tok/s: keeps {100 * loaded / quiet:.0f}% "
               f"({'meets' if loaded / quiet >= GOAL else 'misses'} the {100 * GOAL:.0f}% goal; "
-              + (f"{quiet / loaded:.1f}x slower loaded)" if loaded else "no loaded step finished in --limit)"))
+              + (f"{quiet / loaded:.1f}x slower loaded)" if loaded else
+                 f"not one loaded step in --limit: below {below:,.0f} tok/s)"))
+    if not quiet_was_quiet:
+        print(f"warning: the quiet runs were not quiet (1-min load average up to {busiest:.1f} on {cpus} CPUs, other "
+              "people's jobs): 'kept' compares two loaded runs; old vs new at the same load is the fair comparison")
     return summary
 
 
@@ -295,10 +311,17 @@ def main(argv=None) -> int:
                 rows.append({"policy": spec, "round": rnd, "quiet": quiet, "loaded": loaded, "kept": round(kept, 3)})
                 threads = f"{quiet['torch_threads']}/{loaded['torch_threads']}"
                 per_cpu = f"{fmt(quiet['tok_per_cpu_sec'])}/{fmt(loaded['tok_per_cpu_sec'])}"
-                print(f"{spec:<24} {rnd:>5} {fmt(quiet['tok_per_sec']):>11} {fmt(loaded['tok_per_sec']):>12} "
+                print(f"{spec:<24} {rnd:>5} {fmt(quiet['tok_per_sec'], quiet['tok_per_sec_below']):>11} "
+                      f"{fmt(loaded['tok_per_sec'], loaded['tok_per_sec_below']):>12} "
                       f"{100 * kept:>4.0f}%  {threads:>7}  {per_cpu:>11}  {quiet['at_start']} / {loaded['at_start']}",
                       flush=True)
-    summary = summarize(rows, policies)
+    summary = summarize(rows, policies, cpus)
+    if summary.get("old", {}).get("quiet_tok_per_sec") and summary.get("new", {}).get("quiet_tok_per_sec"):
+        old, new = summary["old"], summary["new"]
+        loaded_old = old["loaded_tok_per_sec"] or old["loaded_tok_per_sec_below"]
+        more = "" if old["loaded_tok_per_sec"] else ">"
+        print(f"new vs old at the same machine load: {new['quiet_tok_per_sec'] / old['quiet_tok_per_sec']:.1f}x "
+              f"quiet, {more}{new['loaded_tok_per_sec'] / loaded_old:.1f}x loaded")
     quiet_loads = [r["quiet"]["at_start"]["load1"] for r in rows]
     print(f"note: a shared machine; the 1-min load average was {min(quiet_loads):.1f}-{max(quiet_loads):.1f} "
           f"at the start of the quiet runs (0 would be quiet), {machine_load()} now")

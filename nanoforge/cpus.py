@@ -19,8 +19,10 @@ Notable:
   of the machine, since the load average counts the whole machine): the CPUs that
   other processes keep busy at start are taken off torch's threads, at least 1 left.
   Intra-op threads meet at a barrier after every op, so under time-slicing one
-  descheduled thread stalls the others: 2 threads on 2 cores shared with 8 busy
-  processes trained ~20x slower than quiet, 1 thread ~5x (bench/oversubscribed.py).
+  descheduled thread stalls the others while the rest spin: on 2 shared cores
+  (load average 7-14) 2 threads bought 479 tokens per CPU-second and 229 tok/s,
+  1 thread 4,180 and 1,802 tok/s; beside 8 more busy processes, 2 threads made
+  not one step in a minute (< 68 tok/s), 1 thread 507 tok/s (bench/oversubscribed.py).
   "Busy" is the smaller of the 1-minute load average (which lags: a stage that just
   finished still counts) and the runnable tasks sampled over 0.2 s less our own
   ranks (which catch a spike): a load has to be both current and lasting to cut.

@@ -186,7 +186,7 @@ def what_dvc_did(output: bytes) -> str:
 
 
 def error_from_output(output: str) -> str | None:
-    """The stage's error as its output states it: its last `error: ...` line (with the indented
+    """The stage's error as its output states it: its first `error: ...` line (with the indented
     lines that continue it), else the last Python exception, else DVC's last `ERROR:` line.
 
     For a stage that could not say it over Pipes (a crash, an old stage). Exceptions
@@ -194,8 +194,10 @@ def error_from_output(output: str) -> str | None:
     """
     raw = output.replace("\r", "\n").splitlines()
     lines = [line.strip() for line in raw]
-    for prefix in ("error: ", "error (rank"):  # rank 0 prints the whole message, other ranks its first line
-        for i in reversed(range(len(lines))):
+    # the first: the cause; a launcher's summary after it (nanoforge.torchrun's "1 worker(s) failed,
+    # ... its error is printed above") is a line of its own. Rank 0 prints the whole message, others a line.
+    for prefix in ("error: ", "error (rank"):
+        for i in range(len(lines)):
             if lines[i].startswith(prefix) and ": " in lines[i]:
                 message = [lines[i].split(": ", 1)[1].strip()]
                 # a message of several lines goes on indented ("params.yaml: invalid config" + one per key)

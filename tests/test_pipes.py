@@ -99,6 +99,7 @@ Running stage 'train':
   depth: 4
 error: cannot resume artifacts/checkpoints/step_000100: train.depth changed (4 -> 6); NANOFORGE_RESUME=fresh starts over
 E1203 12:00:00.000000 1234 torch/distributed/elastic/multiprocessing/api.py:874] failed (exitcode: 2) local_rank: 0
+error: 1 worker(s) failed, first rank 0 (exit 2); its error is printed above
 Traceback (most recent call last):
   File "/venv/bin/torchrun", line 8, in <module>
     sys.exit(main())
@@ -114,7 +115,8 @@ def test_the_stage_error_is_found_below_torchrun_and_dvc():
     assert error_from_output(TORCHRUN_FAILURE) == (
         "cannot resume artifacts/checkpoints/step_000100: train.depth changed (4 -> 6); NANOFORGE_RESUME=fresh starts over")
     crash = "Traceback (most recent call last):\n  File \"synth.py\", line 3\nTypeError: can't multiply sequence by str\n" \
-            + TORCHRUN_FAILURE.split("error: ")[1].split("\n", 1)[1]
+            + "\n".join(line for line in TORCHRUN_FAILURE.splitlines() if not line.startswith("error: "))
+    assert "ChildFailedError" in crash
     assert error_from_output(crash) == "TypeError: can't multiply sequence by str"  # not ChildFailedError
     assert error_from_output("ERROR: failed to reproduce 'x': output 'out/x' does not exist\n") == (
         "failed to reproduce 'x': output 'out/x' does not exist")

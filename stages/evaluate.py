@@ -20,6 +20,7 @@ from nanoforge.evaluation.evaluate import (
     OUTPUT_FILES, check_inputs, markdown_table, mlflow_metrics, run_evaluation, task_table, write_outputs,
 )
 from nanoforge.tokenizer.bpe import TokenizerError
+from nanoforge.training.checkpoint import CheckpointError
 from nanoforge.tracking import stage_run
 
 
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     try:  # plan: params, model files, tokenizer, manifest and the whole bundle, before the model loads
         cfg = resolve("evaluate", args, quiet=not is_rank0()).evaluate
         inputs = check_inputs(cfg, log)
-    except (ConfigError, BundleError, ShardError, TokenizerError, FileNotFoundError) as exc:
+    except (ConfigError, BundleError, ShardError, TokenizerError, CheckpointError, FileNotFoundError) as exc:
         pipes.error(exc)  # prints `error: ...` and gives Dagster the failure's message
         return 2
 

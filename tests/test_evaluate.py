@@ -163,6 +163,17 @@ def test_missing_model(inputs, tmp_path, monkeypatch, capsys):
     assert _no_outputs(project)
 
 
+def test_damaged_model_is_one_line_before_any_work(inputs, tmp_path, monkeypatch, capsys):
+    # issue 18.9: a truncated artifacts/model surfaced as a SafetensorError traceback
+    project = _copy(inputs, tmp_path / "p")
+    weights = project / "artifacts/model/model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert _main_in(project, monkeypatch) == 2
+    err = capsys.readouterr().err
+    assert "model.safetensors" in err and "dvc checkout artifacts/model" in err and "Traceback" not in err
+    assert _no_outputs(project)
+
+
 def test_malformed_bundle_line_fails_before_the_model_loads(inputs, tmp_path, monkeypatch, capsys):
     project = _copy(inputs, tmp_path / "p")
     path = project / "data/eval_bundle/eval_data/toy/toy_lm.jsonl"

@@ -33,3 +33,10 @@ def test_dvc_exp_run_with_a_changed_horizon_right_after_a_finished_run(tiny_pipe
     # and DVC records the experiment against the committed run
     shown = run([tool("dvc"), "exp", "show", "--json"], work, env=env).stdout
     assert str(steps) in shown
+    # going back to the committed params finds the committed results: DVC's run cache, no retraining
+    back = run([tool("dvc"), "exp", "run", "-S", f"train.num_iterations={TINY['train.num_iterations']}"], work,
+               env=env, check=False, timeout=600)
+    out = back.stdout + back.stderr
+    assert back.returncode == 0, out[-4000:]
+    assert "Stage 'train' is cached - skipping run" in out, out[-4000:]  # DVC's run cache
+    assert json.loads((work / "artifacts/train/details.json").read_text())["steps"] == TINY["train.num_iterations"]

@@ -30,7 +30,7 @@ from nanoforge.common import EVAL_BUNDLE_DIR, EVAL_DIR, FINEWEB_DIR, MODEL_DIR, 
 from nanoforge.evaluation.core import load_bundle
 from nanoforge.data.shards import read_manifest, train_shard_paths, val_shard_path
 from nanoforge.gpus import check_processes_fit_gpus
-from nanoforge.training.checkpoint import CONFIG, WEIGHTS
+from nanoforge.training.checkpoint import CONFIG, WEIGHTS, check_weights
 
 CSV_COLUMNS = ["task", "accuracy", "centered", "items", "random_baseline", "seconds", "correct", "shots"]
 OUTPUT_FILES = ("metrics.json", "details.json", "core.csv", "samples.json")
@@ -43,6 +43,8 @@ def check_inputs(cfg, log) -> dict:
     for name in (WEIGHTS, CONFIG):
         if not (MODEL_DIR / name).exists():
             raise FileNotFoundError(f"{MODEL_DIR / name}: missing; train a model first (dvc repro train)")
+    # a truncated or damaged model file is one line before any work, not a SafetensorError traceback later
+    check_weights(MODEL_DIR / WEIGHTS, "train it again (dvc repro -f train) or restore it (dvc checkout artifacts/model)")
     try:
         model_meta = read_json(MODEL_DIR / CONFIG)
         model_vocab = model_meta["model"]["vocab_size"]

@@ -56,6 +56,7 @@ def e2e(tmp_path_factory):
         make_fineweb(mirror, train=(0, 1), val=1822, docs_per_shard=300, manifest=False)
         make_eval_bundle(mirror / "eval_bundle", items_per_task=8)
         mp.setenv("NANOFORGE_MIRROR", str(mirror))
+        mp.setenv("NANOFORGE_PIPES_PROGRESS_S", "0")  # every training step reaches Dagster
         project = make_project(base / "project", TINY)
         defs = build_definitions(project)
         instance = dg.DagsterInstance.get()
@@ -203,3 +204,46 @@ def test_champion_moves_only_when_val_bpb_improves(e2e, tmp_path, monkeypatch):
     assert registry.decide({"val_bpb": 1.0}, None)[0] is True
     assert registry.decide({"val_bpb": 1.0, "core": 0.3}, {"version": 2, "val_bpb": 1.0, "core": 0.2})[0] is True
     assert registry.decide({"val_bpb": 1.0, "core": 0.1}, {"version": 2, "val_bpb": 1.0, "core": 0.2})[0] is False
+
+
+def test_training_reports_every_step_to_dagster(e2e):
+    """Each step's line and numbers come over Pipes (observations of `train`, lines in the run log).
+    That they arrive while the stage runs is test_pipelines.py's progress test (a stage that waits)."""
+    entries = [e for e in e2e.instance.all_logs(e2e.first.run_id, of_type=dg.DagsterEventType.ASSET_OBSERVATION)
+               if e.dagster_event.asset_key == dg.AssetKey("train")]
+    numbers = [{k: v.value for k, v in e.dagster_event.event_specific_data.asset_observation.metadata.items()}
+               for e in entries]
+    assert [n["step"] for n in numbers] == list(range(1, TINY["train.num_iterations"] + 1))
+    assert all(n["loss"] > 0 and n["tok_per_sec"] > 0 and "eta" in n and n["num_iterations"] == 10 for n in numbers)
+    lines = [e.user_message for e in e2e.instance.all_logs(e2e.first.run_id) if e.step_key == "train"
+             and e.user_message.startswith("step 00001/00010 | loss ")]
+    assert lines and "| tok/s " in lines[0] and "| eta " in lines[0]  # the stage's own line, in the run log
+
+
+def test_a_train_config_error_is_the_failure_message_and_the_alert(e2e):
+    params = e2e.project / "params.yaml"
+    original = params.read_text()
+    try:
+        tree = yaml.safe_load(original)
+        tree["train"]["device_batch_size"] = 3  # 3 x 64 tokens does not divide total_batch_size 256
+        params.write_text(yaml.safe_dump(tree, sort_keys=False))
+        defs = build_definitions(e2e.project)
+        result = defs.resolve_job_def("pipeline").execute_in_process(
+            instance=e2e.instance, asset_selection=[dg.AssetKey("train")], raise_on_error=False)
+        assert not result.success
+        failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+        reason = failure.event_specific_data.user_failure_data.metadata["stage_error"].value
+        # the stage's own words under torchrun (its whole message), not torchrun's ChildFailedError
+        assert reason.startswith("params.yaml: invalid config\ntrain.total_batch_size=256 is not a multiple of "
+                                 "train.device_batch_size (3)"), reason
+        assert "ChildFailedError" not in reason and "Traceback" not in reason
+        assert failure.event_specific_data.user_failure_data.description.startswith(reason + "\n\n")
+        context = dg.build_run_status_sensor_context(
+            sensor_name="alert_on_failure", dagster_instance=e2e.instance, dagster_run=result.dagster_run,
+            dagster_event=result.get_run_failure_event()).for_run_failure()
+        defs.get_sensor_def("alert_on_failure")(context)
+    finally:
+        params.write_text(original)
+    alert = json.loads((e2e.home / "alerts.jsonl").read_text().splitlines()[-1])
+    assert alert["failed_steps"] == ["train"] and alert["message"] == reason
+    # (DVC removed train's outputs before running it, as `dvc repro` does: keep this test last in the file)

@@ -364,7 +364,7 @@ def score_rows(model, rows, pad_id: int, runtime, batch_tokens: int, max_rows: i
     """Per row: (mean loss over its span, whether argmax reproduces the span). Rows packed by length.
 
     A batch holds rows while rows * longest <= batch_tokens (always at least one row);
-    `max_rows=1` gives one forward per row (the unbatched baseline of bench/core.py).
+    `max_rows=1` gives one forward per row (an unbatched baseline).
     """
     order = sorted(range(len(rows)), key=lambda r: -len(rows[r][2]))
     mean_loss = [0.0] * len(rows)

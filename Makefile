@@ -22,7 +22,7 @@ export DVC_NO_ANALYTICS := 1
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test ui mlflow repro bench clean help team-setup team-up team-down team-status test-team
+.PHONY: setup demo test ui mlflow repro bench clean help team-setup team-up team-down team-status test-team test-slurm
 
 help:
 	@echo "make demo   install everything, then run the whole pipeline on the tiny preset"
@@ -33,6 +33,7 @@ help:
 	@echo "make bench  run the benchmarks in bench/"
 	@echo "make team-up / team-down / team-status   the team stack: Postgres, S3, MLflow server, Dagster daemon + webserver"
 	@echo "make test-team  the team-mode tests (they start and stop their own stack)"
+	@echo "make test-slurm the Slurm launcher on a real one-node cluster (apt-installs slurm-wlm and munge when missing)"
 
 setup: $(STAMP)
 
@@ -108,6 +109,11 @@ team-status: setup
 
 test-team: team-setup
 	$(BIN)/python -m pytest -m team tests/team $(PYTEST_ARGS)
+
+# tests/slurm/cluster.py installs slurm-wlm + munge with apt (as root) when missing, starts munged,
+# slurmctld and slurmd in a temp dir and stops them after; skipped with the reason where they can't run
+test-slurm: setup
+	$(BIN)/python -m pytest -m slurm tests/slurm $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 from nanoforge import pipes
 from nanoforge.common import get_logger
+from nanoforge.formats import human
+from nanoforge.training.agree import agree
 from nanoforge.training.checkpoint import archive_checkpoints, load_checkpoint, remove_partial, save_checkpoint
 from nanoforge.training.outputs import STEP_COLUMNS
 from nanoforge.training.plan import Plan, restart_message
@@ -60,6 +62,7 @@ class TrainResult:
 
 def prepare(plan: Plan, runtime, resume_mode: str) -> None:
     """The first work: read --init-from weights, clear a killed save, archive old checkpoints for a new run."""
+    agree(plan, runtime)  # before it: the same params, checkpoint folder and resume step on every rank, or exit 2
     checkpoint_dir = plan.dirs.checkpoints
     if plan.init_from is not None and plan.resume_from is None:
         from safetensors.torch import load_file
@@ -292,9 +295,9 @@ def train(plan: Plan, runtime, run, stop: StopFlag) -> TrainResult:
             history["steps"].append(row)
             if main:
                 eta = (n - step - 1) * (timed_dt / timed_steps if timed_steps else dt)
-                mfu_text = f"{100 * mfu:.1f}%" if mfu is not None else "n/a"
-                line = (f"step {step + 1:05d}/{n:05d} | loss {loss_ema:.6f} | grad {gnorm:.4f} | lrm {lrm:.3f} | "
-                        f"dt {1000 * dt:.0f}ms | tok/s {tok_per_sec:,.0f} | mfu {mfu_text} | "
+                # loss_ema: the smoothed loss nanochat prints; MLflow and steps.csv keep both (loss, loss_ema)
+                line = (f"step {step + 1:05d}/{n:05d} | loss_ema {loss_ema:.6f} | grad {gnorm:.4f} | lrm {lrm:.3f} | "
+                        f"dt {1000 * dt:.0f}ms | tok/s {human('tok_per_sec', tok_per_sec)} | mfu {human('mfu', mfu)} | "
                         f"elapsed {fmt_time(elapsed())} | eta {fmt_time(eta)}")
                 print(line, flush=True)
                 pipes.progress(line, {"step": step + 1, "num_iterations": n, "loss": loss_ema, "tok_per_sec": tok_per_sec,
@@ -339,6 +342,8 @@ def train(plan: Plan, runtime, run, stop: StopFlag) -> TrainResult:
             "final_loss": rows[-1]["loss_ema"] if rows else None,
             "val_bpb": vals[-1] if vals else None,
             "min_val_bpb": min(vals) if vals else None,
+            # the budget of those BPB figures (train.eval_tokens, as many whole rows as fit)
+            "val_bpb_tokens": int(val_rows.size(0)) * cfg.max_seq_len if val_rows is not None else None,
             "tok_per_sec": tok_s,
             "mfu": (flops_per_step * len(measured) / step_time / (peak * plan.world_size)) if (peak and step_time > 0) else None,
             "train_seconds": elapsed(),

@@ -154,6 +154,8 @@ class TrainConfig(Section):
         Literal["auto", "on", "off"], BeforeValidator(lambda v: ("on" if v else "off") if isinstance(v, bool) else v)
     ] = Field("auto", description="torch.compile: auto (on for CUDA) | on | off (on CPU it needs a C++ compiler)")
     nproc_per_node: int = Field(1, ge=1, description="processes per node under torchrun (dvc.yaml's command)")
+    collective_timeout_s: float = Field(600.0, gt=0, description="a collective (all-reduce, barrier) that waits "
+                                        "longer fails the run: a frozen or lost node becomes an error, not a hang")
     seed: int = Field(42, description="model init and the data order of later epochs")
     eval_every: int = Field(50, ge=0, description="val BPB every N steps and at the end (0: off)")
     eval_tokens: BigInt = Field(32_768, ge=1, description="val BPB budget during training, from the start of "
@@ -228,6 +230,8 @@ class EvaluateConfig(Section):
     dtype: DType = Field("auto", description="auto (bf16 on CUDA and bf16-capable CPUs) | float32 | bfloat16")
     nproc_per_node: int = Field(1, ge=1, description="processes under torchrun (items and BPB rows are split "
                                                      "over them)")
+    collective_timeout_s: float = Field(600.0, gt=0, description="a collective that waits longer fails the "
+                                        "run: a frozen or lost node becomes an error, not a hang")
     sample_prompts: list[str] = Field([
         "The capital of France is",
         "The chemical symbol of gold is",

@@ -20,6 +20,7 @@ Notable:
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import re
@@ -124,8 +125,14 @@ def use_cuda_fast_math() -> None:
     torch.set_float32_matmul_precision("high")
 
 
-def init_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
-    """Pick the device and dtype; join the process group when launched by torchrun."""
+def init_runtime(device: str = "auto", dtype: str = "auto", timeout_s: float | None = None,
+                 timeout_key: str = "collective_timeout_s") -> Runtime:
+    """Pick the device and dtype; join the process group when launched by torchrun.
+
+    `timeout_s` bounds every collective (the stage's `timeout_key` param): a frozen or lost
+    peer then raises within it instead of hanging (gloo's default is 30 minutes, NCCL's 10),
+    and that error ends the process as one line naming the param (`collective_failure`).
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -136,15 +143,62 @@ def init_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
         use_cuda_fast_math()
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
+        timeout = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
         if dev.type == "cuda":
-            dist.init_process_group(backend=backend, device_id=dev)
+            dist.init_process_group(backend=backend, device_id=dev, **timeout)
         else:
-            dist.init_process_group(backend=backend)
+            dist.init_process_group(backend=backend, **timeout)
+        install_failure_hook(timeout_key, timeout_s or dist.default_pg_timeout.total_seconds(), rank)
     from nanoforge.cpus import apply_thread_plan, thread_plan
 
     threads = apply_thread_plan(thread_plan(dev.type))  # from the CPUs this process may use, not os.cpu_count()
     return Runtime(device=dev, dtype=pick_dtype(dtype, dev), rank=rank, local_rank=local_rank, world_size=world_size,
                    threads=threads)
+
+
+# --- a collective that timed out or lost its peer: one line, not a traceback from deep inside torch
+
+TIMEOUT_SIGNS = ("timed out", "timeout", "deadline")
+PEER_SIGNS = ("connection closed by peer", "connection reset by peer", "broken pipe", "connection refused")
+
+
+def collective_failure(exc: BaseException, key: str, seconds: float) -> str | None:
+    """One line for a collective that timed out or lost its peer; None for any other error."""
+    if not isinstance(exc, RuntimeError):  # DistBackendError and gloo's errors are RuntimeErrors
+        return None
+    text = str(exc).strip()
+    lower = text.lower()
+    if not (isinstance(exc, getattr(dist, "DistError", ())) or any(n in lower for n in ("gloo", "nccl", "c10d"))):
+        return None  # somebody else's timeout (a download, a subprocess): not the process group's
+    first = text.splitlines()[0][:300] if text else type(exc).__name__
+    if any(sign in lower for sign in TIMEOUT_SIGNS):
+        return (f"a collective waited longer than {key}={seconds:g} s: another rank is frozen, gone or much slower "
+                f"(a stopped process, a lost node, a stuck disk). Look at the other nodes' logs; raise {key} if a "
+                f"step or a checkpoint save legitimately takes longer ({first})")
+    if any(sign in lower for sign in PEER_SIGNS):
+        return f"another rank went away mid-run (its node died or it was killed): look at its log ({first})"
+    return None
+
+
+def install_failure_hook(key: str, seconds: float, rank: int) -> None:
+    """Under a process group, an uncaught collective failure prints one `error` line and exits 1.
+
+    A hook, not an `except` in each stage: the error surfaces wherever a collective waits (DDP's
+    backward, a barrier, an all-reduce in eval), and the stage's `finally` (shutdown, lock
+    release) has run by the time the hook sees it. Every rank prints: the survivor of a frozen
+    rank 0 is another rank, and its log is the one people read.
+    """
+    import sys
+
+    previous = sys.excepthook
+
+    def hook(kind, exc, tb):
+        line = collective_failure(exc, key, seconds)
+        if line is None:
+            return previous(kind, exc, tb)
+        print(f"error{'' if rank == 0 else f' (rank {rank})'}: {line}", file=sys.stderr, flush=True)
+
+    sys.excepthook = hook
 
 
 # --- peak FLOP/s, for MFU

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from nanoforge.runtime import init_runtime, shutdown
 
-    runtime = init_runtime(cfg.device, cfg.dtype)
+    runtime = init_runtime(cfg.device, cfg.dtype, cfg.collective_timeout_s, "evaluate.collective_timeout_s")
     try:
         tags = {"world_size": runtime.world_size, "device": str(runtime.device)}
         with stage_run("evaluate", cfg.model_dump(mode="json"), tags=tags) as run:

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     from nanoforge.training.loop import NonFiniteLoss, Preempted, StopFlag, fmt_time, prepare, train
     from nanoforge.training.outputs import log_outputs, report, write_outputs
 
-    runtime = init_runtime(cfg.device, cfg.dtype)
+    runtime = init_runtime(cfg.device, cfg.dtype, cfg.collective_timeout_s, "train.collective_timeout_s")
     stop = StopFlag()
     stop.install()
     try:

@@ -1,0 +1,140 @@
+"""Every rank runs the same run: rank 0's params, resume decision and checkpoint folder, checked at start.
+
+Each rank plans on its own (training/plan.py), from its own params.yaml, `--set` overrides,
+data and checkpoint folder. On one node those are the same files; across nodes they need
+not be, and nothing would notice: a node with other params trains another model through
+the same all-reduce (DDP only fails when a shape differs), and a node that cannot see
+rank 0's checkpoints starts at step 0 while rank 0 resumes at step 55, then hangs at the
+first mismatched collective. `agree()` turns each of those into one error, before any work:
+
+- the config: a hash of the resolved train params and the inputs that make a run
+  (tokenizer, shards, horizon), gathered from every rank; a mismatch gathers the full
+  flattened params of the differing ranks and names the host, the rank and the keys;
+- the checkpoint folder: rank 0 writes a token file into it, and every rank must read it
+  back. Only rank 0 writes checkpoints and every rank resumes from them, so the folder must
+  be on a filesystem all nodes share (NFS, Lustre, a cluster's home or scratch);
+- the resume decision: rank 0's (the checkpoint it resumes, or fresh) against each rank's.
+
+A collective that waits past train.collective_timeout_s (a frozen or lost node, later in the
+run) is runtime.py's: init_runtime sets the timeout and turns the error into one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import socket
+import sys
+from pathlib import Path
+
+TOKEN_PREFIX = ".shared-check-"
+
+
+class Disagreement(ValueError):
+    """The ranks of one run would not run the same run."""
+
+
+def flat_params(plan) -> dict:
+    """What must be equal on every rank, by the name the user knows: train.* and the run's inputs."""
+    flat = {f"train.{k}": v for k, v in plan.cfg.model_dump(mode="json").items()}
+    flat.update({k: v for k, v in plan.compat.items() if not k.startswith("train.")})
+    return flat
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def where(rank: int, host: str) -> str:
+    return f"rank {rank} on {host}"
+
+
+def _gather(obj) -> list:
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def check_config(plan, runtime, host: str) -> None:
+    """Every rank's hash against rank 0's; the differing keys when one differs."""
+    mine = flat_params(plan)
+    hashes = _gather(digest(mine))
+    bad = [r for r, h in enumerate(hashes) if h != hashes[0]]
+    if not bad:
+        return
+    everyone = _gather((host, mine))  # only on a mismatch: every rank took the same branch
+    host0, ref = everyone[0]
+    parts = []
+    for r in bad:
+        other_host, other = everyone[r]
+        keys = sorted(set(ref) | set(other), key=str)
+        diff = [f"{k}: {ref.get(k)!r} -> {other.get(k)!r}" for k in keys if ref.get(k) != other.get(k)]
+        parts.append(f"{where(r, other_host)} differs from {where(0, host0)}: {'; '.join(diff)}")
+    raise Disagreement(
+        "the ranks of this run resolved different params (every node needs the same params.yaml, --set "
+        "overrides, tokenizer and data): " + " | ".join(parts)
+    )
+
+
+def check_shared_folder(folder: Path, runtime, host: str) -> None:
+    """Rank 0 writes a token into `folder`; every rank must read it back."""
+    import torch.distributed as dist
+
+    folder = Path(folder)
+    token = secrets.token_hex(16)
+    path = folder / f"{TOKEN_PREFIX}{token[:12]}"
+    if runtime.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(token)
+        os.replace(tmp, path)  # atomic: a reader sees the whole token or nothing
+    shared = [str(path), token]
+    dist.broadcast_object_list(shared, src=0)
+    try:
+        seen = Path(shared[0]).read_text() == shared[1]
+    except OSError:
+        seen = False
+    views = _gather((host, seen))
+    if runtime.is_main:
+        path.unlink(missing_ok=True)
+    blind = [where(r, h) for r, (h, ok) in enumerate(views) if not ok]
+    if blind:
+        raise Disagreement(
+            f"{folder} must be on a filesystem all nodes share: {', '.join(blind)} cannot see the file "
+            f"{where(0, views[0][0])} wrote there (only rank 0 writes checkpoints, every rank resumes from them). "
+            f"Put the project (or {folder}) on a shared filesystem such as NFS, and run from the same path on "
+            "every node"
+        )
+
+
+def check_resume(plan, runtime, host: str) -> None:
+    """Rank 0's decision (the checkpoint it resumes, or fresh) against every rank's."""
+    mine = {"resume_from": str(plan.resume_from) if plan.resume_from else "fresh",
+            "restart": bool(plan.restart)}
+    decisions = _gather((host, mine))
+    host0, ref = decisions[0]
+    bad = [f"{where(r, h)}: {d['resume_from']}" for r, (h, d) in enumerate(decisions) if d != ref]
+    if bad:
+        raise Disagreement(
+            f"the ranks decided differently where to start: {where(0, host0)} resumes {ref['resume_from']}, "
+            f"but {', '.join(bad)} (a checkpoint was written or moved while the ranks planned; run it again)"
+        )
+
+
+def agree(plan, runtime) -> None:
+    """At start, after init_runtime and before any work: one run on every rank, or one `error` line
+    on every rank and exit 2 (SystemExit: the stage's `finally` still releases its lock and group)."""
+    if not runtime.distributed:
+        return
+    host = socket.gethostname()
+    try:
+        check_config(plan, runtime, host)
+        check_shared_folder(plan.dirs.checkpoints, runtime, host)
+        check_resume(plan, runtime, host)
+    except Disagreement as exc:
+        print(f"error{'' if runtime.is_main else f' (rank {runtime.rank})'}: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None

@@ -1,0 +1,184 @@
+"""Two torchrun agents over c10d on 127.0.0.1, as two nodes would run: real processes, gloo, real signals.
+
+Each agent is its own `torchrun --nnodes=2` (its own process group leader); they meet at a c10d
+rendezvous on a free loopback port. Two working copies stand for two nodes without a shared
+filesystem; one working copy for two nodes that share it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nanoforge.tokenizer.bpe import train_bpe
+from tests.conftest import tool
+from tests.datagen import make_documents, make_fineweb
+from tests.test_train import clone, env_for, read_csv, run_train, write_params
+
+STEPS = 8
+SMALL = {"num_iterations": STEPS, "eval_every": 4, "sample_every": 0, "save_every": 4}
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory) -> Path:
+    """Generated shards, a real tokenizer and test_train's tiny params, cut to 8 steps."""
+    root = tmp_path_factory.mktemp("multinode-template")
+    make_fineweb(root / "data" / "fineweb", train=[0, 1], val=1822, docs_per_shard=200, row_group_size=32)
+    train_bpe(make_documents(400, seed=7), 320).save(root / "artifacts" / "tokenizer")
+    write_params(root, **SMALL)
+    return root
+
+
+@pytest.fixture(scope="module")
+def single(template, tmp_path_factory) -> Path:
+    """The reference: one process, 2 micro-steps per step (the same global batch as 2 nodes x 1)."""
+    root = clone(template, tmp_path_factory.mktemp("single") / "w")
+    run_train(root, NANOFORGE_TRACKING="off")
+    return root
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Agent:
+    """One node's torchrun agent, in a session of its own (the test can stop or kill it whole);
+    threads drain its output so a long run never blocks on a full pipe."""
+
+    def __init__(self, root: Path, port: int, *args: str):
+        cmd = [tool("torchrun"), "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+               f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=multinode-test", "-m", "stages.train", *args]
+        self.proc = subprocess.Popen(cmd, cwd=root, env=env_for(root, NANOFORGE_TRACKING="off"),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     start_new_session=True)
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self.threads = [threading.Thread(target=self._drain, args=(stream, sink), daemon=True)
+                        for stream, sink in ((self.proc.stdout, self.out), (self.proc.stderr, self.err))]
+        for t in self.threads:
+            t.start()
+
+    @staticmethod
+    def _drain(stream, sink: list) -> None:
+        for line in stream:
+            sink.append(line)
+
+    def wait(self, timeout: float) -> tuple[int, str]:
+        """(exit code, stderr)."""
+        self.proc.wait(timeout=timeout)
+        for t in self.threads:
+            t.join(timeout=10)
+        return self.proc.returncode, "".join(self.err)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGCONT)
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=30)
+
+
+def finish(agents: list[Agent], timeout: float = 180) -> list[tuple[int, str]]:
+    try:
+        return [a.wait(timeout) for a in agents]
+    finally:
+        for a in agents:
+            a.kill()
+
+
+def errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error")]
+
+
+def test_two_nodes_over_c10d_match_one_process(single, template, tmp_path):
+    root = clone(template, tmp_path / "w")  # one working copy: the nodes share its filesystem
+    port = free_port()
+    results = finish([Agent(root, port), Agent(root, port)])
+    for rc, err in results:
+        assert rc == 0, err[-4000:]
+    assert any("world 2 x device batch 4 x seq 32 x accum 1" in err for _, err in results)
+    got = load_file(str(root / "artifacts/model/model.safetensors"))
+    want = load_file(str(single / "artifacts/model/model.safetensors"))
+    assert got.keys() == want.keys()
+    for name in want:  # DDP's all-reduce vs accumulation: the same math, summed in another order
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+    steps = read_csv(root / "artifacts/train/steps.csv")
+    assert [int(r["step"]) for r in steps] == list(range(1, STEPS + 1))
+    assert not list((root / "artifacts/checkpoints").glob(".shared-check-*"))  # the token file is cleaned up
+
+
+def test_a_frozen_node_is_an_error_within_the_collective_timeout(template, tmp_path):
+    # issue 17: a SIGSTOPped node hung the other for gloo's default 30 minutes, silently
+    root = clone(template, tmp_path / "w")
+    port = free_port()
+    overrides = ("--set", "num_iterations=100000", "--set", "collective_timeout_s=15", "--set", "save_every=0",
+                 "--set", "eval_every=0")
+    survivor, frozen = Agent(root, port, *overrides), Agent(root, port, *overrides)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(line.startswith("step 00003/") for a in (survivor, frozen) for line in a.out):
+            assert time.monotonic() < deadline and survivor.proc.poll() is None and frozen.proc.poll() is None, \
+                "".join(survivor.err + frozen.err)[-4000:]
+            time.sleep(0.2)
+        workers = psutil.Process(frozen.proc.pid).children(recursive=True)
+        assert workers, "the frozen agent has no worker"
+        for w in workers:
+            w.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        rc, err = survivor.wait(timeout=120)
+        waited = time.monotonic() - t0
+    finally:
+        survivor.kill()
+        frozen.kill()
+    assert rc != 0
+    lines = [line for line in errors(err) if "collective_timeout_s" in line]
+    assert len(lines) == 1, err[-4000:]
+    assert "train.collective_timeout_s=15 s" in lines[0] and "frozen" in lines[0]
+    assert 10 < waited < 75, waited  # the timeout, plus torchrun tearing down; not 30 minutes
+
+
+def test_a_params_mismatch_across_nodes_names_the_keys(template, tmp_path):
+    # issue 17: a node with other params trained another model through the same all-reduce
+    root = clone(template, tmp_path / "w")
+    port = free_port()
+    results = finish([Agent(root, port), Agent(root, port, "--set", "matrix_lr=0.05", "--set", "eval_tokens=2048")])
+    for rc, err in results:
+        assert rc != 0 and re.search(r"exitcode\s*:\s*2\b", err), err[-4000:]  # the worker's 2: bad input
+        [line] = errors(err)
+        assert "the ranks of this run resolved different params" in line and socket.gethostname() in line
+        assert "train.matrix_lr" in line and "0.04" in line and "0.05" in line
+        assert "train.eval_tokens" in line and "train.depth" not in line  # only the differing keys
+    assert not (root / "artifacts/train/steps.csv").exists()  # refused before any work
+
+
+def test_nodes_that_do_not_share_the_checkpoint_folder_are_refused(single, template, tmp_path):
+    # issue 17: without a shared filesystem rank 0 resumed at its checkpoint while rank 1 started at 0
+    node_a, node_b = clone(template, tmp_path / "a"), clone(template, tmp_path / "b")
+    ckpt = single / "artifacts/checkpoints/step_000004"
+    shutil.copytree(ckpt, node_a / "artifacts/checkpoints" / ckpt.name)  # only node a sees it
+    port = free_port()
+    results = finish([Agent(node_a, port), Agent(node_b, port)])
+    for rc, err in results:
+        assert rc != 0 and re.search(r"exitcode\s*:\s*2\b", err), err[-4000:]  # the worker's 2: bad input
+        [line] = errors(err)
+        assert "artifacts/checkpoints must be on a filesystem all nodes share" in line, line
+        assert "rank 1 on" in line and "cannot see" in line
+    for node in (node_a, node_b):
+        assert not (node / "artifacts/train/steps.csv").exists()
+        assert not list((node / "artifacts/checkpoints").glob(".shared-check-*"))

@@ -30,13 +30,29 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def check_device_exists(section: str, device: str) -> None:
+    """`<section>.device: cuda` (or mps) on a machine without one: a ConfigError naming the key, before any work."""
+    if device == "cuda" and visible_gpus() == 0:
+        seen = os.environ.get("CUDA_VISIBLE_DEVICES")
+        mask = f" (CUDA_VISIBLE_DEVICES={seen!r})" if seen is not None else ""
+        raise ConfigError(f"{section}.device=cuda but torch sees no CUDA device{mask}: set {section}.device: auto "
+                          f"(the CPU here) or cpu in params.yaml, or run on a machine with a GPU")
+    if device == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"{section}.device=mps but this machine has no Apple GPU (MPS): set {section}.device: "
+                              "auto or cpu in params.yaml")
+
+
 def check_processes_fit_gpus(section: str, nproc_per_node: int, device: str) -> None:
     """Raise a one-line ConfigError naming `<section>.nproc_per_node` when the processes outnumber the GPUs.
 
     Only when the stage would run on CUDA: `device` cuda, or auto with a GPU visible.
     """
+    check_device_exists(section, device)
     gpus = visible_gpus()
-    if device not in ("auto", "cuda") or gpus == 0:  # no GPU at all: pick_device names that problem
+    if device not in ("auto", "cuda") or gpus == 0:  # no GPU and auto: the stage runs on the CPU
         return
     launched = os.environ.get("LOCAL_WORLD_SIZE")
     procs = int(launched) if launched else nproc_per_node

@@ -63,6 +63,19 @@ def test_the_stage_says_it_in_one_line(tmp_path):
     assert "error: train.nproc_per_node=8 but torch sees 1 GPU" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_device_cuda_without_a_gpu_names_the_key_before_any_work(tmp_path):
+    # issue 18.8: `device: cuda` on a CPU machine stopped in an uncaught traceback that did not name train.device
+    env = {**os.environ, "NANOFORGE_VISIBLE_GPUS": "0", "PYTHONPATH": str(REPO), "NANOFORGE_TRACKING": "off"}
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    for stage in ("train", "evaluate"):
+        proc = subprocess.run([sys.executable, "-m", f"stages.{stage}", "--set", "device=cuda"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"error: {stage}.device=cuda but torch sees no CUDA device" in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
+
+
 @pytest.mark.parametrize("name, tflops", [
     ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H100 NVL", 835),
     ("NVIDIA H200", 989), ("NVIDIA H200 NVL", 835.5), ("NVIDIA GH200 480GB", 989),

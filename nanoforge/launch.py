@@ -158,34 +158,47 @@ def job_reason(job_id: str) -> str:
     return " ".join(proc.stdout.split()) if proc.returncode == 0 and proc.stdout.strip() else "unknown (no accounting)"
 
 
+def cancel(job_id: str) -> None:
+    """TERM to the job's tasks (train checkpoints); a job still pending has nothing to save: cancel it."""
+    proc = subprocess.run(["scancel", "--signal=TERM", job_id], capture_output=True, text=True, timeout=30)
+    if proc.returncode != 0 or "pending" in proc.stderr.lower():
+        subprocess.run(["scancel", job_id], timeout=30)
+
+
 def submit(script: Path, log: Path) -> int:
     """sbatch --parsable --wait; forwards SIGTERM/SIGINT as scancel --signal=TERM; returns the job's exit code."""
-    # its own session: a Ctrl-C on the terminal reaches us only, and becomes a scancel
-    proc = subprocess.Popen(["sbatch", "--parsable", "--wait", str(script)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    job_id = proc.stdout.readline().strip().split(";")[0]
-    if not job_id:
-        err = " ".join(proc.stderr.read().split())
-        proc.wait()
-        raise LaunchError(f"sbatch failed: {err or f'exit {proc.returncode}'} (script: {script})")
-    print(f"slurm: submitted job {job_id} ({script}); its log: {log}", flush=True)
-    stopping = []
+    job, stopping = [], []
 
     def forward(signum, _frame):
         stopping.append(signum)
-        print(f"slurm: {signal.Signals(signum).name}, scancel --signal=TERM {job_id} (the job saves a checkpoint)",
-              file=sys.stderr, flush=True)
-        subprocess.run(["scancel", "--signal=TERM", job_id], timeout=30)
+        if job:  # before sbatch has said the id, the cancel happens as soon as it does
+            print(f"slurm: {signal.Signals(signum).name}, scancel --signal=TERM {job[0]} (the job saves a "
+                  "checkpoint)", file=sys.stderr, flush=True)
+            cancel(job[0])
 
+    # installed before the submission, so no signal can leave a job running behind us
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     done = threading.Event()
     follower = threading.Thread(target=_follow, args=(log, done), daemon=True)
-    follower.start()
     try:
+        # its own session: a Ctrl-C on the terminal reaches us only, and becomes a scancel
+        proc = subprocess.Popen(["sbatch", "--parsable", "--wait", str(script)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        job_id = proc.stdout.readline().strip().split(";")[0]
+        if not job_id:
+            err = " ".join(proc.stderr.read().split())
+            proc.wait()
+            raise LaunchError(f"sbatch failed: {err or f'exit {proc.returncode}'} (script: {script})")
+        job.append(job_id)
+        print(f"slurm: submitted job {job_id} ({script}); its log: {log}", flush=True)
+        if stopping:
+            forward(stopping[0], None)
+        follower.start()
         code = proc.wait()
     finally:
         done.set()
-        follower.join(timeout=10)
+        if follower.is_alive():
+            follower.join(timeout=10)
         for s, handler in old.items():
             signal.signal(s, handler)
     if code != 0:

@@ -97,3 +97,13 @@ def test_bad_requests_are_refused_before_submission(cluster, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: Slurm rejects the job (") and "launch.nodes" in proc.stderr, proc.stderr
     assert "submitted job" not in proc.stdout
+
+
+def test_a_failed_job_fails_the_command_with_slurms_reason(cluster, tmp_path):
+    root = make_workdir(tmp_path, slurm_launch(), nproc_per_node=2)
+    for shard in (root / "data/fineweb").glob("shard_*.parquet"):
+        shard.unlink()  # the stage fails inside the job, after submission
+    proc = launch(root, "stages.train", **cluster.env)
+    assert proc.returncode != 0 and "submitted job" in proc.stdout
+    (line,) = [l for l in proc.stderr.splitlines() if l.startswith("slurm: job ")]
+    assert " failed: state FAILED, exit " in line and "reason NonZeroExitCode" in line, line

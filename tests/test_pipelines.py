@@ -770,3 +770,21 @@ def test_dvc_remote_asset_pushes_the_cached_outputs(synth, monkeypatch):
     assert pushed[1]["files_pushed"] == 0 and pushed[1]["dvc_status"].startswith("everything was already")
     # what dvc.lock says is cached is now on the remote: `dvc status --cloud` has nothing to push
     assert "are in sync" in run([tool("dvc"), "status", "--cloud"], synth.root).stdout
+
+
+def test_a_stage_stopped_by_sigterm_is_stopped_not_failed():
+    # issue 15.12: a run stopped cleanly by SIGTERM (exit 143, checkpoint saved) showed as FAILED in MLflow
+    from pipelines.defs.resources import failure
+    from pipelines.defs.session import Outcome
+    from pipelines.defs.step import interrupted
+
+    tail = ("stopped: stopped by signal at step 4/12; checkpoint saved, run the same command to resume\n"
+            "ERROR: failed to reproduce 'train': failed to run: python -m nanoforge.torchrun --standalone "
+            "--nproc_per_node=1 -m stages.train, exited with 143")
+    stopped = failure({"status": "failed", "returncode": 255, "command": "dvc repro train", "output_tail": tail},
+                      Outcome(returncode=255))
+    assert stopped.metadata["status"].value == "stopped" and interrupted(stopped)  # the parent run ends KILLED
+    assert "run it again to resume" in stopped.description
+    crashed = failure({"status": "failed", "returncode": 255, "command": "dvc repro train",
+                       "output_tail": tail.replace("exited with 143", "exited with 1")}, Outcome(returncode=255))
+    assert crashed.metadata["status"].value == "failed" and not interrupted(crashed)

@@ -19,7 +19,7 @@ import dagster as dg
 
 from pipelines import dvc_graph
 from pipelines.defs import checks
-from pipelines.defs.metadata import stage_metadata
+from pipelines.defs.metadata import humanize, stage_metadata
 from pipelines.defs.resources import DvcResource, MlflowResource
 from pipelines.defs.step import (
     DEFAULT_GROUP, DEFAULT_OWNERS, POOL, Step, check_input, common_metadata, mlflow_run_id, stage_command,
@@ -111,7 +111,7 @@ def stage_asset(project: Project, stage: Stage) -> dg.AssetsDefinition:
         hashes = dvc_graph.lock_outs(project.root).get(stage.name, {})
         metadata = common_metadata(project, result)
         metadata.update(stage_metadata(stage, project.root))
-        metadata.update(reported)  # the stage's own report wins over what the files say
+        metadata.update(humanize(reported))  # the stage's own report wins over the files; rounded for people
         metadata.update(mlflow.run_link(mlflow_run_id(metadata)))
         if hashes:
             metadata["dvc_outs"] = _outs_table(hashes)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -75,16 +76,24 @@ class DvcResource(dg.ConfigurableResource):
         return result, reported
 
 
+# DVC's words when a stage command exits 143 (128 + SIGTERM: the train stage's "stopped, checkpoint saved")
+STOPPED = re.compile(r"exited with 143\b")
+
+
 def failure(result: dict, outcome: Outcome) -> dg.Failure:
     """The step's failure: the stage's message as its first line, then the command and DVC's last words."""
     tail = "\n".join(result.get("output_tail", "").strip().splitlines()[-25:])
-    what = {"lock_timeout": "gave up waiting for DVC's lock", "cancelled": "was cancelled"}.get(
-        result["status"], f"failed (exit code {result.get('returncode')})")
+    status = result["status"]
+    if status == "failed" and STOPPED.search(result.get("output_tail", "")):
+        status = "stopped"  # SIGTERM from outside Dagster (preemption, scancel): a checkpoint was saved
+    what = {"lock_timeout": "gave up waiting for DVC's lock", "cancelled": "was cancelled",
+            "stopped": "was stopped by a signal (exit 143); its checkpoint is saved: run it again to resume"}.get(
+        status, f"failed (exit code {result.get('returncode')})")
     reason = outcome.error or result.get("stage_error") or error_from_output(result.get("output_tail", ""))
-    if result["status"] in ("lock_timeout", "cancelled"):
+    if status in ("lock_timeout", "cancelled", "stopped"):
         reason = None  # the command's state says it; a stage line would mislead
     head = f"{reason}\n\n" if reason else ""
-    metadata = {"command": result["command"], "status": result["status"]}
+    metadata = {"command": result["command"], "status": status}
     if reason:
         metadata["stage_error"] = reason
     return dg.Failure(description=f"{head}`{result['command']}` {what}.\n\nLast output:\n```\n{tail}\n```",

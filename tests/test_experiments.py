@@ -9,6 +9,7 @@ checkpoints are archived and training starts fresh.
 from __future__ import annotations
 
 import json
+import os
 
 from tests.conftest import TINY, copy_project, run, tool
 
@@ -16,6 +17,7 @@ from tests.conftest import TINY, copy_project, run, tool
 def test_dvc_exp_run_with_a_changed_horizon_right_after_a_finished_run(tiny_pipeline, tmp_path):
     project, env = tiny_pipeline
     work = copy_project(project, tmp_path / "project")
+    env = {**env, "MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]}  # this test's own store: the shared one is read by others
     # the README's "record the run in git" step, so experiments compare against it
     run("git add -A && git commit -q -m 'the tiny run'", work, env=env)
     steps = TINY["train.num_iterations"] // 2

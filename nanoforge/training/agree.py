@@ -27,9 +27,11 @@ import os
 import secrets
 import socket
 import sys
+import time
 from pathlib import Path
 
 TOKEN_PREFIX = ".shared-check-"
+SHARED_WAIT_S = 5.0  # how long a rank looks for rank 0's token before it calls the folder unshared
 
 
 class Disagreement(ValueError):
@@ -94,10 +96,7 @@ def check_shared_folder(folder: Path, runtime, host: str) -> None:
         os.replace(tmp, path)  # atomic: a reader sees the whole token or nothing
     shared = [str(path), token]
     dist.broadcast_object_list(shared, src=0)
-    try:
-        seen = Path(shared[0]).read_text() == shared[1]
-    except OSError:
-        seen = False
+    seen = _sees(Path(shared[0]), shared[1])
     views = _gather((host, seen))
     if runtime.is_main:
         path.unlink(missing_ok=True)
@@ -109,6 +108,21 @@ def check_shared_folder(folder: Path, runtime, host: str) -> None:
             f"Put the project (or {folder}) on a shared filesystem such as NFS, and run from the same path on "
             "every node"
         )
+
+
+def _sees(path: Path, token: str, wait_s: float = SHARED_WAIT_S) -> bool:
+    """Whether `path` holds `token`, looking again for a few seconds: an NFS client may serve
+    a cached directory a moment after another node wrote into it."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            if path.read_text() == token:
+                return True
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.25)
 
 
 def check_resume(plan, runtime, host: str) -> None:

@@ -4,7 +4,7 @@
     python -m bench.tokenizer --chars 20e6    # a quick run
 
 Notable:
-- The corpus is built, not downloaded: /work/shared/data/fineweb_sample (1.4M real
+- The corpus is built, not downloaded: ../shared/data/fineweb_sample (1.4M real
   characters; generated text from tests/datagen.py when absent) repeated in a new
   shuffled order each pass until `--chars`, written to temporary parquet shards in
   nanochat's layout (row groups of 1024 documents, zstd). Repetition keeps the
@@ -43,7 +43,8 @@ from nanoforge.common import shard_name, write_json
 from nanoforge.config import TokenizerConfig
 from nanoforge.tokenizer.training import ReadStats, train_tokenizer, training_texts
 
-SAMPLE_DIR = Path("/work/shared/data/fineweb_sample")
+# ../shared beside the checkout (the real-format samples), or NANOFORGE_SHARED_DATA=<folder>
+SAMPLE_DIR = Path(os.environ.get("NANOFORGE_SHARED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data") / "fineweb_sample"
 RESULTS = Path("bench/results/tokenizer.json")
 
 

@@ -380,7 +380,7 @@ def test_task_selection_and_missing_baseline(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# the real bundle's format (skipped when /work/shared is absent)
+# the real bundle's format (skipped when ../shared beside the checkout is absent)
 
 @pytest.mark.skipif(not REAL_BUNDLE.exists(), reason="real eval bundle not present")
 def test_real_bundle_parses_and_renders_like_nanochats_templates():

@@ -139,3 +139,22 @@ def test_no_function_over_100_lines():
                     if lines > 100 and (rel, node.name) not in LONG_ON_PURPOSE:
                         long.append(f"{rel}:{node.lineno} {node.name}() has {lines} lines")
     assert not long, "split these:\n" + "\n".join(long)
+
+
+def test_no_machine_paths_in_the_project():
+    """Issue 18.7: a path that exists on one machine only (/work/..., /home/...) is no use in a clone."""
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    found = []
+    for rel in files:
+        if rel.endswith((".json", ".html")) or rel == "tests/test_layout.py":  # bench results record where they ran
+            continue
+        try:
+            text = (REPO / rel).read_text()
+        except (UnicodeDecodeError, FileNotFoundError):
+            continue
+        for n, line in enumerate(text.splitlines(), 1):
+            if re.search(r"(?<![\w.])/(work|home|Users)/\w", line):
+                found.append(f"{rel}:{n}: {line.strip()[:100]}")
+    assert not found, "machine paths (use a path relative to the repo, or a variable):\n" + "\n".join(found)

@@ -23,10 +23,10 @@ from nanoforge.config import TokenizerConfig
 from nanoforge.data.shards import build_manifest, read_manifest, write_manifest
 from nanoforge.tracking import EXPERIMENT, tracking_uri
 from stages.tokenizer import main
-from tests.conftest import make_project, run, tool
+from tests.conftest import REPO, make_project, run, tool
 from tests.datagen import make_documents, make_fineweb, write_shard
 
-SAMPLE = Path("/work/shared/data/fineweb_sample")
+SAMPLE = REPO.parent / "shared" / "data" / "fineweb_sample"  # beside the checkout, where a machine has it
 CONTRACT_KEYS = {"vocab_size", "train_chars", "train_docs", "train_seconds", "val_bytes_per_token", "roundtrip_ok",
                  "compression"}
 KINDS = ["val", "prose", "code", "math", "non_english"]
@@ -238,7 +238,7 @@ def test_compression_table_is_markdown():
     ]
 
 
-@pytest.mark.skipif(not SAMPLE.exists(), reason="no /work/shared/data/fineweb_sample on this machine")
+@pytest.mark.skipif(not SAMPLE.exists(), reason="no ../shared/data/fineweb_sample beside this checkout")
 def test_tiny_preset_on_real_fineweb_sample(tmp_path, monkeypatch):
     fw = tmp_path / "data" / "fineweb"
     fw.mkdir(parents=True)

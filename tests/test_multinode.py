@@ -27,6 +27,9 @@ from tests.conftest import tool
 from tests.datagen import make_documents, make_fineweb
 from tests.test_train import clone, env_for, read_csv, run_train, write_params
 
+# several agents and a deliberate collective timeout: minutes, so `make test-slurm` runs these, not `make test`
+pytestmark = pytest.mark.cluster
+
 STEPS = 8
 SMALL = {"num_iterations": STEPS, "eval_every": 4, "sample_every": 0, "save_every": 4}
 

@@ -216,7 +216,7 @@ def test_training_reports_every_step_to_dagster(e2e):
     assert [n["step"] for n in numbers] == list(range(1, TINY["train.num_iterations"] + 1))
     assert all(n["loss"] > 0 and n["tok_per_sec"] > 0 and "eta" in n and n["num_iterations"] == 10 for n in numbers)
     lines = [e.user_message for e in e2e.instance.all_logs(e2e.first.run_id) if e.step_key == "train"
-             and e.user_message.startswith("step 00001/00010 | loss ")]
+             and e.user_message.startswith("step 00001/00010 | loss_ema ")]
     assert lines and "| tok/s " in lines[0] and "| eta " in lines[0]  # the stage's own line, in the run log
 
 

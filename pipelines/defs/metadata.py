@@ -72,14 +72,18 @@ def records_table(records: dict[str, dict], label: str = "name") -> str:
     return "\n".join(lines)
 
 
-def metrics_metadata(path: Path) -> dict[str, dg.MetadataValue]:
-    """Scalars of a metrics JSON as metadata; records as markdown tables; small dicts flattened."""
+def _json_object(path: Path) -> dict:
+    """The JSON object in `path`, or {} when it is missing, unreadable or not an object."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    if not isinstance(data, dict):
-        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def metrics_metadata(path: Path) -> dict[str, dg.MetadataValue]:
+    """Scalars of a metrics JSON as metadata; records as markdown tables; small dicts flattened."""
+    data = _json_object(path)
     out: dict[str, dg.MetadataValue] = {}
     for key, value in data.items():
         if len(out) >= MAX_SCALARS:
@@ -187,12 +191,7 @@ def html_metadata(stage: Stage, root: Path) -> dict[str, dg.MetadataValue]:
 
 def details_tables(path: Path) -> dict[str, dg.MetadataValue]:
     """The record tables of a plain `details.json` output (CORE per task), not its scalars (timings, ids)."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict):
-        return {}
+    data = _json_object(path)
     return {f"{key}_table": dg.MetadataValue.md(records_table(value, label=key.rstrip("s") or key))
             for key, value in data.items() if is_records(value)}
 

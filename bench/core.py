@@ -70,7 +70,8 @@ def tokenizer(vocab_size: int):
 def load_tasks(tmp: Path):
     if REAL_BUNDLE.exists():
         found, skipped = core.load_bundle(REAL_BUNDLE, skip_bad=True)
-        return found, f"{REAL_BUNDLE} ({len(found)} tasks)"
+        # recorded relative to the checkout: results travel with the repo, machine paths would not
+        return found, f"{os.path.relpath(REAL_BUNDLE, REPO)} ({len(found)} tasks)"
     from tests.datagen import make_eval_bundle
 
     found, _ = core.load_bundle(make_eval_bundle(tmp / "bundle", items_per_task=200))

@@ -141,7 +141,7 @@ def save_time(name: str, directory: Path | None) -> dict:
         shutil.rmtree(root, ignore_errors=True)
     window = grace_seconds()
     return {"preset": name, "bytes": written, "estimated_bytes": checkpoint_bytes(model_config, model.num_params()),
-            "seconds": seconds, "sync_seconds": sync_seconds, "grace_seconds": window, "dir": str(base.resolve()),
+            "seconds": seconds, "sync_seconds": sync_seconds, "grace_seconds": window, "dir": os.path.relpath(base.resolve()),
             "within_window": seconds + sync_seconds <= window, "loadavg": os.getloadavg()}
 
 

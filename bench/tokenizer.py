@@ -52,7 +52,7 @@ def source_documents() -> tuple[list[str], str]:
     files = sorted(SAMPLE_DIR.glob("shard_*.parquet"))
     if files:
         docs = [t for f in files for t in pq.read_table(f, columns=["text"]).column("text").to_pylist() if t]
-        return docs, f"{SAMPLE_DIR} ({len(docs)} real documents)"
+        return docs, f"{os.path.relpath(SAMPLE_DIR)} ({len(docs)} real documents)"  # relative: results travel with the repo
     from tests.datagen import make_documents
 
     docs = make_documents(5000, seed=0)

@@ -28,19 +28,12 @@ import yaml
 from tests.conftest import BIN, REPO, make_project, run, tool
 from tests.datagen import make_eval_bundle, make_fineweb
 from tests.team.dagster_api import DONE, Dagster
+from tests.test_pipelines_e2e import TINY as E2E_TINY
 
 pytestmark = pytest.mark.team
 
-TINY = {
-    "tokenizer.vocab_size": 512, "tokenizer.max_chars": 200_000, "tokenizer.eval_chars": 20_000,
-    "train.depth": 1, "train.max_seq_len": 64, "train.device_batch_size": 4, "train.total_batch_size": 256,
-    "train.num_iterations": 10, "train.eval_every": 5, "train.eval_tokens": 1024, "train.sample_every": 0,
-    "train.save_every": 0,
-    "evaluate.val_tokens": 1024, "evaluate.core_max_per_task": 4, "evaluate.num_unconditioned_samples": 1,
-    "evaluate.sample_max_tokens": 4,
-    "pipeline.min_bytes_per_token": 1.0,  # a 512-token vocabulary on generated text
-    "pipeline.nightly_cron": "* * * * *",  # fires at the next minute; the test stops it once it has
-}
+# the e2e test's tiny pipeline, with a nightly schedule that fires at the next minute (the test stops it once it has)
+TINY = {**E2E_TINY, "pipeline.nightly_cron": "* * * * *"}
 STAGES = ["tokenizer", "train", "evaluate", "report", "register"]
 
 

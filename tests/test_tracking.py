@@ -93,27 +93,60 @@ def test_only_rank0_logs(tmp_path, monkeypatch):
     assert client().get_experiment_by_name(tracking.EXPERIMENT) is None
 
 
-def test_unreachable_server_warns_and_goes_on(tmp_path, monkeypatch, caplog):
+def test_unreachable_server_keeps_the_run_offline_and_replay_sends_it(tmp_path, monkeypatch, caplog):
+    # MLflow down at start: the stage goes on, its params/metrics/tags land in a local file named
+    # in one warning, and `python -m nanoforge.tracking replay` sends them once the server is back
     monkeypatch.chdir(tmp_path)
+    store = os.environ["MLFLOW_TRACKING_URI"]  # the real SQLite store that stands in for the server "back"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # discard port: nothing listens
-    done = False
+    (tmp_path / "out.txt").write_text("hello")
     with stage_run("train", {"a": 1}) as run:
-        assert not run.enabled
-        run.log_metrics({"loss": 1.0}, step=0)
-        run.log_artifact(tmp_path)
-        done = True
-    assert done
+        assert not run.enabled and run.offline_file is not None
+        for step in range(700):  # more than one flush's worth
+            run.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+        run.set_tags({"note": "x"})
+        run.log_artifact(tmp_path / "out.txt")
+    [kept] = (tmp_path / tracking.OFFLINE_DIR).glob("*.jsonl")
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1, warned
+    assert str(kept) in warned[0] and "MLFLOW_TRACKING_URI=http://127.0.0.1:9" in warned[0]
+    assert tracking.REPLAY_CMD in warned[0]
+    # still down: replay says so and keeps the file
+    assert tracking.main(["replay"]) == 1 and kept.exists()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    assert tracking.main(["replay"]) == 0
+    assert not kept.exists() and (tmp_path / tracking.OFFLINE_DIR / "sent" / kept.name).exists()
+    r = only_run("train")
+    assert r.info.status == "FINISHED" and r.data.params == {"a": "1"} and r.data.tags["note"] == "x"
+    assert [m.step for m in client().get_metric_history(r.info.run_id, "loss")] == list(range(700))
+    assert [a.path for a in client().list_artifacts(r.info.run_id)] == ["out.txt"]
+    assert tracking.main(["replay"]) == 0 and len(client().search_runs(
+        [r.info.experiment_id], "tags.stage = 'train'")) == 1  # nothing left to send twice
 
 
-def test_tracking_error_mid_run_disables_instead_of_raising(tmp_path, monkeypatch):
+def test_tracking_error_mid_run_keeps_the_rest_offline(tmp_path, monkeypatch, caplog):
+    # a call that fails mid-run: the stage goes on, nothing from that call on is lost, and replay
+    # continues the same MLflow run
     monkeypatch.chdir(tmp_path)
     with stage_run("train", {}) as run:
+        run.log_metrics({"loss": 1.0}, step=0)
+        run.flush()
+        real = run._client.log_batch
+
         def broken(*a, **k):
             raise ConnectionError("server went away")
         run._client.log_batch = broken
-        run.log_metrics({"loss": 1.0}, step=0)
+        run.log_metrics({"loss": 2.0}, step=1)
         run.flush()
-        assert not run.enabled
+        assert not run.enabled and run.offline_file is not None
+        run.log_metrics({"loss": 3.0}, step=2)
+        run_id = run.run_id
+    assert "server went away" in caplog.text and str(run.offline_file) in caplog.text
+    assert client().get_run(run_id).info.status == "RUNNING"  # its end is in the file too
+    del real
+    assert tracking.main(["replay"]) == 0
+    assert [(m.step, m.value) for m in client().get_metric_history(run_id, "loss")] == [(0, 1.0), (1, 2.0), (2, 3.0)]
+    assert only_run("train").info.status == "FINISHED"
 
 
 def test_experiment_opens_on_training_runs_and_run_urls_are_links(tmp_path, monkeypatch):

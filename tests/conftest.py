@@ -111,9 +111,11 @@ def module_env(base: Path):
         yield mp
 
 
-def run(cmd: list[str] | str, cwd: str | Path, check: bool = True, env: dict | None = None, timeout: float = 600, **kw):
-    """subprocess.run with output captured and shown when it fails."""
-    full_env = {**os.environ, **(env or {})}
+def run(cmd: list[str] | str, cwd: str | Path, check: bool = True, env: dict | None = None, timeout: float = 600,
+        inherit_env: bool = True, **kw):
+    """subprocess.run with output captured and shown when it fails; `env` adds to this process's
+    environment, or with inherit_env=False is the whole environment."""
+    full_env = {**os.environ, **(env or {})} if inherit_env else dict(env or {})
     proc = subprocess.run(
         cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, shell=isinstance(cmd, str), **kw
     )

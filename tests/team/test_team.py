@@ -48,7 +48,10 @@ def free_ports(n: int) -> list[int]:
 
 
 def team(cmd: str, env: dict, root: Path, check: bool = True, timeout: float = 600):
-    return run([sys.executable, "-m", "team", cmd, "--root", str(root)], REPO, env=env, check=check, timeout=timeout)
+    # exactly the member's environment: this process's may hold a test's MLFLOW_TRACKING_URI (importing
+    # pipelines.definitions sets one), and team's settings let the environment win
+    return run([sys.executable, "-m", "team", cmd, "--root", str(root)], REPO, env=env, check=check, timeout=timeout,
+               inherit_env=False)
 
 
 def team_env(base: Path, mirror: Path) -> dict[str, str]:
@@ -61,7 +64,7 @@ def team_env(base: Path, mirror: Path) -> dict[str, str]:
                NANOFORGE_TEAM_S3_PORT=str(s3), NANOFORGE_TEAM_MLFLOW_PORT=str(mlflow),
                NANOFORGE_TEAM_DAGSTER_PORT=str(dagster), NANOFORGE_MIRROR=str(mirror), NANOFORGE_OFFLINE="1",
                DVC_NO_ANALYTICS="1", PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    exports = run([sys.executable, "-m", "team", "env"], REPO, env=env).stdout
+    exports = run([sys.executable, "-m", "team", "env"], REPO, env=env, inherit_env=False).stdout
     for line in exports.splitlines():  # what `eval "$(python -m team env)"` gives a shell
         key, _, value = line.removeprefix("export ").partition("=")
         env[key] = value.strip("'")

@@ -174,3 +174,4 @@ def test_run_stopped_on_purpose_is_killed_not_failed(tmp_path, monkeypatch):
         with stage_run("train", {}):
             raise Preempted("stopped by signal at step 3/10; checkpoint saved")
     assert only_run("train").info.status == "KILLED"
+

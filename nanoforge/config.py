@@ -21,6 +21,7 @@ import argparse
 import difflib
 import re
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
@@ -30,7 +31,36 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from nanoforge.model.shape import VOCAB_MULTIPLE, config_for_depth, width_and_heads
 
 PARAMS_FILE = Path("params.yaml")
-LAST_SHARD = 1822  # karpathy/fineweb-edu-100b-shuffle has shards 0..1822
+LAST_SHARD = 1822  # karpathy/fineweb-edu-100b-shuffle has shards 0..1822 (the default dataset's last)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One pretraining dataset on the Hub: parquet shards `shard_{i:05d}.parquet` with a `text` column."""
+
+    repo: str  # the Hugging Face dataset repo
+    shards: int  # how many it has: 0..shards-1
+    val_shard: int  # the one pinned for validation (nanochat: the last)
+    text_column: str = "text"
+
+    @property
+    def base_url(self) -> str:
+        return f"https://huggingface.co/datasets/{self.repo}/resolve/main"
+
+    @property
+    def last(self) -> int:
+        return self.shards - 1
+
+
+# The datasets download.dataset names, in one place (checked against nanochat's nanochat/dataset.py:
+# FineWeb-era 10231df BASE_URL + MAX_SHARD = 1822; HEAD 92d63d4 MAX_SHARD = 6542; both pin the last shard
+# for validation and name files shard_{index:05d}.parquet). They share the file names, so a folder holds one.
+DATASETS: dict[str, Dataset] = {
+    "fineweb-edu": Dataset("karpathy/fineweb-edu-100b-shuffle", shards=1823, val_shard=1822),
+    "climbmix": Dataset("karpathy/climbmix-400b-shuffle", shards=6543, val_shard=6542),
+}
+DatasetName = Literal["fineweb-edu", "climbmix"]
+DEFAULT_DATASET = "fineweb-edu"
 MAX_DEPTH = 128
 
 
@@ -65,14 +95,17 @@ DTYPES: tuple[str, ...] = get_args(DType)
 
 
 class DownloadConfig(Section):
-    num_train_shards: int = Field(2, ge=1, le=LAST_SHARD,
+    dataset: DatasetName = Field(DEFAULT_DATASET, description="fineweb-edu (1823 shards, nanochat until 2026-03) "
+                                                             "or climbmix (6543, nanochat HEAD)")
+    num_train_shards: int = Field(2, ge=1,
                                   description="training shards are 0..n-1 (~250M characters, ~100 MB each)")
-    val_shard: int = Field(LAST_SHARD, ge=0, le=LAST_SHARD,
-                           description="pinned validation shard: the last of the 1823")
-    base_url: str = Field(
-        "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main",
-        description="shards come from {base_url}/shard_XXXXX.parquet; HF_ENDPOINT=<mirror> replaces https://huggingface.co,\n"
-                    "and NANOFORGE_MIRROR=<url or folder> replaces both sources for a run (see stages/download.py)")
+    val_shard: int | None = Field(None, ge=0,
+                                  description="pinned validation shard; null = the dataset's last (1822, 6542)")
+    base_url: str | None = Field(
+        None,
+        description="shards come from {base_url}/shard_XXXXX.parquet; null = the dataset's Hub repo. HF_ENDPOINT=<mirror>\n"
+                    "replaces https://huggingface.co, NANOFORGE_MIRROR=<url or folder> both sources for a run (stages/download.py)\n"
+                    "an http(s) URL")
     source_dir: str | None = Field(
         None, description="or a local folder of shard_XXXXX.parquet to copy from (wins over base_url)")
     eval_bundle_url: str = Field("https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip",
@@ -82,9 +115,35 @@ class DownloadConfig(Section):
                              description="per file: backoff 1s, 2s, 4s... (+ jitter), Retry-After honoured")
     timeout_s: float = Field(30.0, gt=0, description="per request (connect, and each read)")
 
+    # null val_shard / base_url follow the dataset, so switching download.dataset alone is enough;
+    # code reads these two, never the raw fields
+    @property
+    def spec(self) -> Dataset:
+        return DATASETS[self.dataset]
+
+    @property
+    def val_index(self) -> int:
+        return self.spec.val_shard if self.val_shard is None else self.val_shard
+
+    @property
+    def shards_url(self) -> str:
+        return self.spec.base_url if self.base_url is None else self.base_url
+
+    @model_validator(mode="after")
+    def _within_dataset(self):
+        spec = self.spec
+        if self.val_index > spec.last:
+            raise ValueError(f"download.val_shard={self.val_shard} is outside {self.dataset}'s shards "
+                             f"0..{spec.last} (download.dataset={self.dataset})")
+        if self.num_train_shards > spec.last:
+            raise ValueError(f"download.num_train_shards={self.num_train_shards} is more than {self.dataset} has: "
+                             f"{spec.shards} shards, one of them the pinned val shard, leave at most {spec.last} "
+                             f"for training (download.dataset={self.dataset})")
+        return self
+
     @model_validator(mode="after")
     def _sources(self):
-        if not self.base_url.startswith(("http://", "https://")):
+        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
             raise ValueError(
                 f"download.base_url={self.base_url!r} is not an http(s) URL; "
                 "for a local folder of shards set download.source_dir instead"
@@ -97,9 +156,9 @@ class DownloadConfig(Section):
 
     @model_validator(mode="after")
     def _val_not_in_train(self):
-        if self.val_shard < self.num_train_shards:
+        if self.val_index < self.num_train_shards:
             raise ValueError(
-                f"download.val_shard={self.val_shard} is also a training shard "
+                f"download.val_shard={self.val_index} is also a training shard "
                 f"(num_train_shards={self.num_train_shards} means shards 0..{self.num_train_shards - 1}); "
                 f"pick a val_shard >= {self.num_train_shards} or fewer training shards"
             )

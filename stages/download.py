@@ -1,4 +1,4 @@
-"""The download stage: FineWeb-Edu shards and the CORE eval bundle into data/, versioned by data.dvc.
+"""The download stage: the pretraining shards (download.dataset) and the CORE eval bundle into data/, versioned by data.dvc.
 
     python -m stages.download                              # params.yaml's download section
     python -m stages.download --set num_train_shards=8     # a one-off change
@@ -17,7 +17,8 @@ from nanoforge import pipes
 from nanoforge.common import MANIFEST_FILE
 from nanoforge.config import ConfigError, parse_override, resolve, stage_parser
 from nanoforge.data.download import (
-    DownloadError, check_sources, configured_indices, parse_indices, resolve_sources, run_download, unpack_limits,
+    DownloadError, check_folder_dataset, check_sources, configured_indices, parse_indices, resolve_sources, run_download,
+    unpack_limits,
 )
 from nanoforge.data.eval_bundle import BundleError
 from nanoforge.data.fetch import FetchError
@@ -35,10 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:  # plan: every check that can fail before a byte moves
         cfg = resolve("download", args).download
-        only = parse_indices(args.only_shards) if args.only_shards is not None else None
+        only = parse_indices(args.only_shards, cfg.spec.last) if args.only_shards is not None else None
         overridden = {parse_override(o, "download")[0].split(".", 1)[1] for o in args.overrides}
         sources = resolve_sources(cfg, overridden)
         print(f"[download] {sources.describe()}", flush=True)
+        check_folder_dataset(cfg)  # data/fineweb holds another dataset's shards: refuse to mix them
         check_sources(sources, only if only is not None else configured_indices(cfg), bundle=only is None)
         unpack_limits(cfg)  # a bad NANOFORGE_BUNDLE_MAX_* fails here, not after the shards
     except (ConfigError, DownloadError, BundleError, ShardError) as exc:

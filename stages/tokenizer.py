@@ -14,7 +14,7 @@ import sys
 from nanoforge import pipes
 from nanoforge.common import TOKENIZER_DIR, get_logger
 from nanoforge.config import ConfigError, resolve, stage_parser
-from nanoforge.data.shards import ShardError
+from nanoforge.data.shards import ShardError, expect_dataset
 from nanoforge.tokenizer.bpe import TokenizerError
 from nanoforge.tokenizer.training import check_inputs, run_stage, show_rustbpe_progress
 from nanoforge.tracking import stage_run
@@ -26,8 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = stage_parser("tokenizer", __doc__.split("\n\n")[0])
     args = parser.parse_args(argv)
     try:  # plan: the manifest, the shards' footers, the vocab size, all before training
-        cfg = resolve("tokenizer", args).tokenizer
+        params = resolve("tokenizer", args)
+        cfg = params.tokenizer
         inputs = check_inputs(cfg)
+        expect_dataset(params.download.dataset)  # params switched datasets but data/ was not downloaded again
     except (ConfigError, ShardError, TokenizerError) as exc:
         pipes.error(exc)  # prints `error: ...` and gives Dagster the failure's message
         return 2

@@ -51,15 +51,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     try:
-        cfg = resolve("train", args, quiet=not rank0).train
+        cfg = (params := resolve("train", args, quiet=not rank0)).train
         resume_mode = "fresh" if args.fresh else os.environ.get(RESUME_ENV, "auto").strip().lower() or "auto"
         init_from = args.init_from or os.environ.get(INIT_ENV) or None
         dirs, oneoff = run_dirs(load_params(args.params, section="train").train if args.overrides else cfg, cfg)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        plan = plan_run(cfg, world_size, resume_mode, init_from, dirs)
+        plan = plan_run(cfg, world_size, resume_mode, init_from, dirs, params.download.dataset)
         lock = RunLock(plan.dirs.checkpoints).acquire() if rank0 else None  # held until this process exits
         if latest_checkpoint(plan.dirs.checkpoints) != plan.latest:  # another run finished while we planned
-            plan = plan_run(cfg, world_size, resume_mode, init_from, plan.dirs)
+            plan = plan_run(cfg, world_size, resume_mode, init_from, plan.dirs, params.download.dataset)
         check_start(plan.resume_from, plan.init_from)  # a damaged file to start from fails now, not mid-run
     except (ConfigError, ShardError, TokenizerError, CheckpointError, OutputsLocked, ValueError) as exc:
         if rank0:

@@ -481,13 +481,13 @@ def test_hf_endpoint_replaces_the_host(workdir, server, mirror, monkeypatch):
 def test_resolve_sources_rules(tmp_path):
     cfg = load_params(REPO / "params.yaml").download
     s = download.resolve_sources(cfg, env={})
-    assert s.shard(7) == f"{cfg.base_url}/shard_00007.parquet" and s.bundle == cfg.eval_bundle_url
+    assert s.shard(7) == f"{cfg.shards_url}/shard_00007.parquet" and s.bundle == cfg.eval_bundle_url
     s = download.resolve_sources(cfg, env={"HF_ENDPOINT": "https://hf-mirror.com/"})
     assert s.shards.startswith("https://hf-mirror.com/datasets/karpathy/") and "HF_ENDPOINT" in s.shards_from
     s = download.resolve_sources(cfg, env={"NANOFORGE_MIRROR": "http://m:1/x/"})
     assert (s.shards, s.bundle) == ("http://m:1/x", "http://m:1/x/eval_bundle.zip")
     s = download.resolve_sources(cfg, {"base_url"}, env={"NANOFORGE_MIRROR": "http://m:1"})
-    assert s.shards == cfg.base_url and s.bundle == "http://m:1/eval_bundle.zip"
+    assert s.shards == cfg.shards_url and s.bundle == "http://m:1/eval_bundle.zip"
     s = download.resolve_sources(cfg, {"eval_bundle_url"}, env={"NANOFORGE_MIRROR": str(tmp_path)})
     assert s.shards == str(tmp_path) and s.bundle == cfg.eval_bundle_url
 
@@ -599,8 +599,8 @@ def test_backoff_and_retry_after():
 # config: bad download params fail before any work
 
 @pytest.mark.parametrize("override,message", [
-    ("num_train_shards=1823", r"download\.num_train_shards: input should be less than or equal to 1822"),
-    ("val_shard=1900", r"download\.val_shard: input should be less than or equal to 1822"),
+    ("num_train_shards=1823", r"download\.num_train_shards=1823 is more than fineweb-edu has: 1823 shards"),
+    ("val_shard=1900", r"download\.val_shard=1900 is outside fineweb-edu's shards 0\.\.1822"),
     ("val_shard=1", r"download\.val_shard=1 is also a training shard"),
     ("workers=0", r"download\.workers: input should be greater than or equal to 1"),
     ("timeout_s=-1", r"download\.timeout_s: input should be greater than 0"),

@@ -1,7 +1,11 @@
-"""FineWeb-Edu shards and the CORE eval bundle into data/, versioned by DVC (entry point: stages/download.py).
+"""The pretraining shards and the CORE eval bundle into data/, versioned by DVC (entry point: stages/download.py).
 
 Notable:
-- Sources. Shard i is {base_url}/shard_{i:05d}.parquet (HF_ENDPOINT, if set, replaces
+- Datasets. download.dataset picks fineweb-edu or climbmix (nanoforge.config.DATASETS: Hub repo,
+  shard count, pinned val shard). Both go to data/fineweb/ (the folder every stage reads); the
+  manifest records which one it holds, and since both name their files shard_XXXXX.parquet, a
+  download for the other dataset refuses to mix them into that folder.
+- Sources. Shard i is {base_url}/shard_{i:05d}.parquet (base_url null: the dataset's own) (HF_ENDPOINT, if set, replaces
   https://huggingface.co), or source_dir/shard_{i:05d}.parquet when source_dir is set.
   NANOFORGE_MIRROR=<URL or folder> replaces both sources for a run: shards at
   $MIRROR/shard_XXXXX.parquet, the bundle at $MIRROR/eval_bundle.zip (a folder mirror
@@ -47,14 +51,16 @@ from pathlib import Path
 from typing import Mapping
 
 from nanoforge.common import DATA_DIR, EVAL_BUNDLE_DIR, FINEWEB_DIR, MANIFEST_FILE, get_logger, sha256_file, shard_name
-from nanoforge.config import LAST_SHARD, ConfigError, DownloadConfig
+from nanoforge.config import DATASETS, DEFAULT_DATASET, ConfigError, DownloadConfig
 from nanoforge.data.eval_bundle import (
     BundleError, Limits, bundle_limits, bundle_ok, check_bundle, copy_bundle, unpack_bundle,
 )
 from nanoforge.data.fetch import (
     DiskFullError, FetchError, fetch, free_bytes, is_locked, is_url, locked, part_path, probe, show_progress,
 )
-from nanoforge.data.shards import ShardError, build_manifest, read_manifest, shard_facts, write_manifest
+from nanoforge.data.shards import (
+    ShardError, build_manifest, manifest_dataset, read_manifest, shard_facts, write_manifest,
+)
 
 HF = "https://huggingface.co"
 MIRROR_ENV = "NANOFORGE_MIRROR"
@@ -113,7 +119,7 @@ def resolve_sources(cfg: DownloadConfig, overridden: set[str] | frozenset = froz
     elif cfg.source_dir:
         shards, shards_from = _local(cfg.source_dir), origin("source_dir")
     else:
-        shards, replaced = _hf(cfg.base_url, env)
+        shards, replaced = _hf(cfg.shards_url, env)
         shards_from = origin("base_url") + (f" with {HF_ENDPOINT_ENV}" if replaced else "")
 
     if mirror and "eval_bundle_url" not in overridden:
@@ -160,25 +166,41 @@ def check_sources(sources: Sources, indices: list[int], bundle: bool = True) -> 
 
 
 def configured_indices(cfg: DownloadConfig) -> list[int]:
-    return [*range(cfg.num_train_shards), cfg.val_shard]
+    return [*range(cfg.num_train_shards), cfg.val_index]
 
 
-def parse_indices(text: str) -> list[int]:
-    """'0,3,1822' or '0-7,1822' -> sorted unique indices; ConfigError names a bad one."""
+def check_folder_dataset(cfg: DownloadConfig, directory: str | Path = FINEWEB_DIR) -> None:
+    """Refuse (DownloadError) when `directory` holds another dataset's shards: both datasets name their
+    files shard_XXXXX.parquet, so fetching into it would keep the old files as if they were the new ones."""
+    path = Path(directory) / MANIFEST_FILE.name
+    if not path.exists():
+        return
+    with contextlib.suppress(ShardError, ValueError):  # an unreadable manifest is handled as before
+        have = manifest_dataset(read_manifest(path))
+        if have != cfg.dataset:
+            raise DownloadError(
+                f"{directory} holds {have} shards ({path}) but download.dataset is {cfg.dataset}; both name "
+                f"their files shard_XXXXX.parquet, so they cannot share the folder: move or delete {directory} "
+                f"(data.dvc and the DVC cache keep the old one) and download again, or set download.dataset: {have}"
+            )
+
+
+def parse_indices(text: str, last: int = DATASETS[DEFAULT_DATASET].last) -> list[int]:
+    """'0,3,1822' or '0-7,1822' -> sorted unique indices within 0..last; ConfigError names a bad one."""
     out: set[int] = set()
     for item in (t.strip() for t in text.split(",")):
         if not item:
             continue
         lo, sep, hi = item.partition("-")
         try:
-            first, last = (int(lo), int(hi)) if sep else (int(item), int(item))
+            first, hi_index = (int(lo), int(hi)) if sep else (int(item), int(item))
         except ValueError:
             raise ConfigError(f"--only-shards: {item!r} is not a shard index or a range like 0-7") from None
-        if first > last:
+        if first > hi_index:
             raise ConfigError(f"--only-shards: empty range {item!r}")
-        if first < 0 or last > LAST_SHARD:
-            raise ConfigError(f"--only-shards: {item!r} is outside the dataset's shards 0..{LAST_SHARD}")
-        out.update(range(first, last + 1))
+        if first < 0 or hi_index > last:
+            raise ConfigError(f"--only-shards: {item!r} is outside the dataset's shards 0..{last}")
+        out.update(range(first, hi_index + 1))
     if not out:
         raise ConfigError("--only-shards: no shard indices given")
     return sorted(out)
@@ -240,6 +262,7 @@ def download_shards(
     """
     sources = sources or resolve_sources(cfg)
     directory = Path(directory)
+    check_folder_dataset(cfg, directory)
     directory.mkdir(parents=True, exist_ok=True)
     stop = stop or threading.Event()
     start = time.monotonic()
@@ -439,6 +462,7 @@ def write_shard_manifest(cfg: DownloadConfig, sources: Sources, entries: dict[in
                          directory: str | Path = FINEWEB_DIR) -> tuple[dict, bool]:
     """Write MANIFEST.json for the configured shards (which must be present). Returns (manifest, rewritten)."""
     directory = Path(directory)
+    check_folder_dataset(cfg, directory)
     wanted = configured_indices(cfg)
     entries = dict(entries or {})
     known = _manifest_entries(directory)
@@ -450,7 +474,8 @@ def write_shard_manifest(cfg: DownloadConfig, sources: Sources, entries: dict[in
                     f"{directory / shard_name(index)} is missing or invalid; run `python -m stages.download` to fetch it"
                 )
             entries[index] = facts
-    manifest = build_manifest(directory, wanted[:-1], cfg.val_shard, source=sources.shards, known=entries)
+    manifest = build_manifest(directory, wanted[:-1], cfg.val_index, source=sources.shards, known=entries,
+                              dataset=cfg.dataset)
     path = directory / MANIFEST_FILE.name
     old = None
     if path.exists():

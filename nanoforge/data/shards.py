@@ -1,9 +1,13 @@
-"""FineWeb-Edu shards on disk: the manifest, validation, and streaming reads.
+"""Pretraining shards on disk: the manifest, validation, and streaming reads.
 
 Notable:
 - The manifest (data/fineweb/MANIFEST.json) is the one truth about which shards
   are for training and which one is the pinned validation shard; downstream
   stages read it instead of guessing from file names.
+- It also says which dataset (download.dataset) the shards are: a `dataset` key, written
+  only for datasets other than fineweb-edu, so a fineweb-edu manifest stays byte for byte
+  what it was before datasets were options (same data.dvc hash, DVC caches stay valid);
+  no key means fineweb-edu. Stages refuse a manifest of another dataset than params.yaml's.
 - Reads stream one parquet row group (1024 documents) at a time, so memory is
   bounded by the row group, not the shard or the data set.
 """
@@ -16,6 +20,7 @@ from typing import Iterator
 import pyarrow.parquet as pq
 
 from nanoforge.common import FINEWEB_DIR, MANIFEST_FILE, read_json, sha256_file, shard_name, write_json
+from nanoforge.config import DEFAULT_DATASET
 
 MANIFEST_VERSION = 1
 
@@ -70,6 +75,7 @@ def build_manifest(
     source: str,
     hashes: dict | None = None,
     known: dict[int, dict] | None = None,
+    dataset: str = DEFAULT_DATASET,
 ) -> dict:
     """Describe the shards in `directory`: per shard index, split, bytes, sha256, rows, characters.
 
@@ -109,6 +115,7 @@ def build_manifest(
         totals[split]["shards"] += 1
     return {
         "version": MANIFEST_VERSION,
+        **({"dataset": dataset} if dataset != DEFAULT_DATASET else {}),  # see the module's note
         "source": source,
         "train_shards": list(train),
         "val_shard": val,
@@ -129,6 +136,26 @@ def read_manifest(path: str | Path = MANIFEST_FILE) -> dict:
     if manifest.get("version") != MANIFEST_VERSION:
         raise ShardError(f"{path}: manifest version {manifest.get('version')!r}, expected {MANIFEST_VERSION}")
     return manifest
+
+
+def manifest_dataset(manifest: dict) -> str:
+    return manifest.get("dataset", DEFAULT_DATASET)
+
+
+def check_dataset(manifest: dict, dataset: str, path: str | Path = MANIFEST_FILE) -> None:
+    """ShardError naming download.dataset when the manifest's shards are of another dataset."""
+    have = manifest_dataset(manifest)
+    if have != dataset:
+        raise ShardError(
+            f"{path} lists {have} shards but download.dataset is {dataset}; run the download "
+            f"(python -m stages.download) for {dataset}, or set download.dataset: {have}"
+        )
+
+
+def expect_dataset(dataset: str, directory: str | Path = FINEWEB_DIR) -> None:
+    """The stages' guard: `directory`'s manifest is of download.dataset (ShardError naming it otherwise)."""
+    path = Path(directory) / "MANIFEST.json"
+    check_dataset(read_manifest(path), dataset, path)
 
 
 def train_shard_paths(manifest: dict | None = None, directory: str | Path = FINEWEB_DIR) -> list[Path]:

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nanoforge.common import ARTIFACTS_DIR, CHECKPOINT_DIR, FINEWEB_DIR, MODEL_DIR, TOKENIZER_DIR, TRAIN_DIR, read_json
-from nanoforge.config import ConfigError, TrainConfig
+from nanoforge.config import DEFAULT_DATASET, ConfigError, TrainConfig
 from nanoforge.gpus import check_processes_fit_gpus
-from nanoforge.data.shards import read_manifest, train_shard_paths, val_shard_path
+from nanoforge.data.shards import check_dataset, read_manifest, train_shard_paths, val_shard_path
 from nanoforge.tokenizer.bpe import load_tokenizer
 from nanoforge.training.checkpoint import CheckpointError, compat_diff, latest_checkpoint, read_meta
 
@@ -118,7 +118,7 @@ def compat_key(cfg: TrainConfig, num_iterations: int, tokenizer, manifest: dict)
 
 
 def plan_run(cfg: TrainConfig, world_size: int, resume_mode: str, init_from: str | None,
-             dirs: RunDirs = PIPELINE_DIRS) -> Plan:
+             dirs: RunDirs = PIPELINE_DIRS, dataset: str = DEFAULT_DATASET) -> Plan:
     """Validate inputs and decide the run; raises (ValueError family) with a message naming problem and fix."""
     import torch
 
@@ -129,6 +129,7 @@ def plan_run(cfg: TrainConfig, world_size: int, resume_mode: str, init_from: str
     check_processes_fit_gpus("train", cfg.nproc_per_node, cfg.device)  # before torch touches a device
     accum = TrainConfig.batch_geometry(cfg.total_batch_size, cfg.device_batch_size, cfg.max_seq_len, world_size)
     manifest = read_manifest(FINEWEB_DIR / "MANIFEST.json")
+    check_dataset(manifest, dataset, FINEWEB_DIR / "MANIFEST.json")  # download.dataset switched, data/ did not
     train_paths = train_shard_paths(manifest, FINEWEB_DIR)
     val_path = val_shard_path(manifest, FINEWEB_DIR) if cfg.eval_every else None
     tokenizer = load_tokenizer(TOKENIZER_DIR)

@@ -28,7 +28,7 @@ warnings.filterwarnings("ignore", message="Parameter `backfill_policy`", categor
 
 
 def shard_partitions(cfg: DownloadConfig) -> dg.StaticPartitionsDefinition:
-    indices = list(range(cfg.num_train_shards)) + [cfg.val_shard]
+    indices = list(range(cfg.num_train_shards)) + [cfg.val_index]
     return dg.StaticPartitionsDefinition([str(i) for i in indices])
 
 

@@ -98,6 +98,9 @@ def test_fit_refuses_too_little():
     with pytest.raises(FitError, match="cell c1e18-d4: .*val_bpb"):
         points_from_rows([{"name": "c1e18-d4", "budget": 1e18, "depth": 4, "num_params": 1e6, "tokens": 1e9,
                            "val_bpb": float("nan")}])
+    cell = build_grid([1e13], [2, 3, 4], vocab_size=4096, sequence_len=64, total_batch_size=512)[0]
+    (p,) = points_from_rows([{**cell.to_dict(), "tokens_trained": 1234, "val_bpb": 1.5}])
+    assert (p.name, p.budget, p.depth, p.num_params, p.tokens) == (cell.name, 1e13, 2, cell.num_params, 1234)
     with pytest.raises(FitError, match="no 'tokens'"):
         points_from_rows([{"budget": 1e18, "depth": 4, "num_params": 1e6, "val_bpb": 1.0}])
 
@@ -163,7 +166,7 @@ def test_plots_are_written(tmp_path):
     fit = fit_scaling(pts, replicates=50)
     assert plots.isoflops(fit, tmp_path / "isoflops.png")
     assert plots.frontier(fit, tmp_path / "frontier.png")
-    curves = [{"name": p.name, "budget": p.budget, "flops": [0, p.budget / 2, p.budget],
+    curves = [{"name": p.name, "depth": p.depth, "budget": p.budget, "flops": [0, p.budget / 2, p.budget],
                "val_bpb": [None, p.val_bpb + 0.1, p.val_bpb]} for p in pts]
     assert plots.bpb_vs_flops(curves, tmp_path / "bpb_vs_flops.png")
     assert not plots.bpb_vs_flops([], tmp_path / "empty.png")

@@ -106,12 +106,17 @@ class ScalingFit:
 
 
 def points_from_rows(rows: Iterable[Mapping]) -> list[Point]:
-    """Rows (dicts with budget, depth, num_params, tokens, val_bpb; optional name) -> checked Points."""
+    """Rows (dicts with budget, depth, num_params, tokens, val_bpb; optional name) -> checked Points.
+
+    `tokens_trained` (the train stage's metric: what the cell really trained) wins over `tokens`
+    (the grid's plan), so a row can be a grid Cell's dict updated with the cell's metrics.json.
+    """
     out = []
     for i, row in enumerate(rows):
         name = str(row.get("name") or f"row {i}")
         try:
-            p = Point(float(row["budget"]), int(row["depth"]), float(row["num_params"]), float(row["tokens"]),
+            tokens = row["tokens_trained"] if row.get("tokens_trained") is not None else row["tokens"]
+            p = Point(float(row["budget"]), int(row["depth"]), float(row["num_params"]), float(tokens),
                       float(row["val_bpb"]), name)
         except KeyError as exc:
             raise FitError(f"cell {name}: no {exc.args[0]!r} (needs budget, depth, num_params, tokens, val_bpb)") from None

@@ -87,7 +87,7 @@ def frontier(fit: ScalingFit, path: Path) -> bool:
 
 
 def bpb_vs_flops(cells: Sequence[Mapping], path: Path) -> bool:
-    """Val BPB against training FLOPs for every cell: dicts with name, budget, flops, val_bpb (lists)."""
+    """Val BPB against training FLOPs for every cell: dicts with budget, flops, val_bpb (lists), optional depth."""
     drawn = [c for c in cells if any(v is not None for v in c.get("val_bpb", []))]
     if not drawn:
         return False
@@ -103,7 +103,8 @@ def bpb_vs_flops(cells: Sequence[Mapping], path: Path) -> bool:
         label = None if budget in seen else f"C = {budget:.3g}"
         seen.add(budget)
         ax.plot(xs, ys, color=colours[budget], marker="o", markersize=2.5, linewidth=0.9, label=label)
-        ax.annotate(str(c.get("name", "")), (xs[-1], ys[-1]), fontsize=6, xytext=(3, 0), textcoords="offset points")
+        if c.get("depth") is not None:  # the depth, not the whole cell name: a budget's cells end side by side
+            ax.annotate(f"d{c['depth']}", (xs[-1], ys[-1]), fontsize=6, xytext=(3, 0), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs")
     ax.set_ylabel("val bits per byte")

@@ -772,6 +772,34 @@ def test_dvc_remote_asset_pushes_the_cached_outputs(synth, monkeypatch):
     assert "are in sync" in run([tool("dvc"), "status", "--cloud"], synth.root).stdout
 
 
+def test_retrain_refuses_an_unusable_s3_remote_before_any_stage_work(synth, tmp_path):
+    # issue #16: the push comes last; a bucket that can't be reached must stop the run at its first step
+    root = tmp_path / "p"
+    shutil.copytree(synth.twin, root, symlinks=True)
+    with socket.socket() as s:  # a port nothing listens on: an S3 endpoint that is down
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (root / ".dvc/config.local").write_text(
+        "[core]\n    remote = team\n['remote \"team\"']\n    url = s3://nightly/dvc\n"
+        f"    endpointurl = http://127.0.0.1:{port}\n    access_key_id = k\n    secret_access_key = s\n")
+    lock = (root / "dvc.lock").read_text()
+    defs, instance = build_definitions(root), dg.DagsterInstance.get()
+    result = defs.resolve_job_def("retrain").execute_in_process(
+        instance=instance, asset_selection=[dg.AssetKey("prepare"), dg.AssetKey("fit"), dg.AssetKey("dvc_remote")],
+        tags={"nanoforge/resume": "fresh"}, raise_on_error=False)  # fresh: fit would run if the check let it
+    assert not result.success and materializations(result) == {}
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert failure.step_key == "prepare"
+    message = failure.event_specific_data.error.message
+    assert "DVC remote 'team' (s3://nightly/dvc)" in message and "endpointurl" in message
+    assert "before any stage work" in message
+    assert (root / "dvc.lock").read_text() == lock
+    # the same project with its local remote back: no check, no refusal
+    (root / ".dvc/config.local").unlink()
+    from pipelines.remote_check import s3_problem
+    assert s3_problem(root) is None
+
+
 def test_a_stage_stopped_by_sigterm_is_stopped_not_failed():
     # issue 15.12: a run stopped cleanly by SIGTERM (exit 143, checkpoint saved) showed as FAILED in MLflow
     from pipelines.defs.resources import failure

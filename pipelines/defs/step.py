@@ -9,6 +9,9 @@ Notable:
   NANOFORGE_RESUME=fresh for it.
 - Every asset that runs DVC is in the `dvc` pool (limit 1 in .dagster/dagster.yaml):
   DVC holds a repo lock, so they never run at once.
+- A run that ends in `dvc push` (the retrain job's dvc_remote) checks its S3 remote at
+  every step, before the step's work: a missing bucket or refused credentials stop it
+  at its first step, naming the setting, not after hours of training.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from nanoforge.tracking import PARENT_ENV, git_info
 from pipelines.defs import checks
 from pipelines.defs.resources import MlflowResource
 from pipelines.dvc_graph import Stage
-from pipelines.project import Project
+from pipelines.project import REMOTE, Project
+from pipelines.remote_check import s3_problem
 
 POOL = "dvc"
 DEFAULT_GROUP = "pipeline"
@@ -95,6 +99,11 @@ class Step:
     parent: str | None = None
 
     def env(self) -> dict[str, str]:
+        if dg.AssetKey(REMOTE) in run_assets(self.context):
+            problem = s3_problem(self.project.root)
+            if problem:
+                raise dg.Failure(description=f"{problem}; this run ends in `dvc push` to it, so it stops "
+                                             "before any stage work")
         self.parent = self.mlflow.open_parent(self.context)
         return {**self.mlflow.env(), **({PARENT_ENV: self.parent} if self.parent else {})}
 

@@ -17,6 +17,14 @@ first mismatched collective. `agree()` turns each of those into one error, befor
 
 A collective that waits past train.collective_timeout_s (a frozen or lost node, later in the
 run) is runtime.py's: init_runtime sets the timeout and turns the error into one line.
+
+Later, at every checkpoint, `check_replicas()`: DDP never re-synchronises the weights after
+its first broadcast, so the replicas stay equal only because every rank applies the same
+averaged gradient to the same bits. A rank whose GPU or memory flips a bit, or whose kernels
+round differently, drifts silently while only rank 0's copy is saved. Each rank sums the
+bit patterns of every parameter and buffer on its device; one gather compares them, and a
+difference stops the run (ReplicasDiverged, exit 1) naming the ranks, hosts and the first
+tensor that differs, before the checkpoint is written.
 """
 
 from __future__ import annotations
@@ -32,10 +40,17 @@ from pathlib import Path
 
 TOKEN_PREFIX = ".shared-check-"
 SHARED_WAIT_S = 5.0  # how long a rank looks for rank 0's token before it calls the folder unshared
+SAMPLE = 4096  # elements of each tensor hashed with their position (the bit sum alone misses two swapped values)
+# fault injection for tests only: rank N nudges one weight after DDP's first broadcast, as a faulty GPU would
+PERTURB_ENV = "NANOFORGE_TEST_PERTURB_RANK"
 
 
 class Disagreement(ValueError):
     """The ranks of one run would not run the same run."""
+
+
+class ReplicasDiverged(RuntimeError):
+    """The ranks' copies of the model differ at a checkpoint; it was not written."""
 
 
 def flat_params(plan) -> dict:
@@ -152,3 +167,74 @@ def agree(plan, runtime) -> None:
     except Disagreement as exc:
         print(f"error{'' if runtime.is_main else f' (rank {runtime.rank})'}: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+# --- the replicas, at every checkpoint
+
+def replica_digests(model) -> list[tuple[str, int, int]]:
+    """(name, sum of the bit patterns, position-weighted sum of a strided sample's) per parameter and buffer.
+
+    Integers, not float sums: equal bits give equal numbers on any hardware in any reduction order
+    (int64 wraps the same way everywhere), and one ULP in one element changes the first number.
+    Computed on the device, copied to the host once: one read of the weights per checkpoint.
+    """
+    import torch
+
+    model = getattr(model, "_orig_mod", model)
+    as_int = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    names, rows = [], []
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        bits = tensor.detach().reshape(-1).view(as_int[tensor.element_size()])
+        sample = bits[:: max(1, bits.numel() // SAMPLE)].long()
+        position = torch.arange(1, sample.numel() + 1, device=sample.device, dtype=torch.int64)
+        names.append(name)
+        rows.append(torch.stack([bits.sum(dtype=torch.int64), (sample * position).sum()]))
+    table = torch.stack(rows).cpu().tolist() if rows else []
+    return [(name, a, b) for name, (a, b) in zip(names, table)]
+
+
+def replica_mismatch(gathered: list, step: int) -> str | None:
+    """What differs between rank 0's digests and each other rank's, from `_gather((host, digests))`; None if nothing."""
+    host0, ref = gathered[0]
+    parts = []
+    for rank, (host, mine) in enumerate(gathered[1:], start=1):
+        if mine == ref:
+            continue
+        if [d[0] for d in mine] != [d[0] for d in ref]:
+            first = f"another set of tensors ({len(mine)} vs {len(ref)})"
+        else:
+            differ = [a[0] for a, b in zip(ref, mine) if a != b]
+            first = f"first at {differ[0]} ({len(differ)} of {len(ref)} tensors differ)"
+        parts.append(f"{where(rank, host)} differs from {where(0, host0)}: {first}")
+    if not parts:
+        return None
+    return (f"the ranks' copies of the model differ at step {step}: {'; '.join(parts)}. DDP keeps them equal only "
+            "by applying the same gradient to the same bits, so a rank drifted: a faulty GPU or memory on that "
+            "host, or ranks whose hardware or software (GPU model, driver, PyTorch) round differently")
+
+
+def check_replicas(model, runtime, step: int, folder: Path) -> None:
+    """Every rank, before rank 0 writes checkpoint `step`: the same weights everywhere, or ReplicasDiverged on every rank
+    (they all read the same gathered table, so they all stop together and no collective is left waiting)."""
+    if not runtime.distributed:
+        return
+    problem = replica_mismatch(_gather((socket.gethostname(), replica_digests(model))), step)
+    if problem:
+        raise ReplicasDiverged(f"{problem}. The checkpoint of step {step} was not written (the earlier ones in {folder} "
+                               "are kept): test the hosts named (a GPU or memory check), then run the same command "
+                               "to resume from the last one")
+
+
+def perturb_for_test(model, rank: int) -> None:
+    """Fault injection for tests, never set otherwise: NANOFORGE_TEST_PERTURB_RANK=N makes rank N add 0.01 to one
+    element of the middle parameter, after DDP's first broadcast (which would undo it), and log which."""
+    wanted = os.environ.get(PERTURB_ENV, "").strip()
+    if not wanted or int(wanted) != rank:
+        return
+    import torch
+
+    params = list(model.named_parameters())
+    name, param = params[len(params) // 2]
+    with torch.no_grad():
+        param.view(-1)[0] += 0.01
+    print(f"{PERTURB_ENV}: rank {rank} perturbed {name}", file=sys.stderr, flush=True)

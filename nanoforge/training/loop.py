@@ -10,6 +10,8 @@ Notable:
   agrees through the step's all-reduce). A NaN/inf loss, or a NaN/inf gradient norm
   (checked before the optimizer step, so bad weights are never applied nor saved),
   raises NonFiniteLoss at once and keeps the last good checkpoint.
+- Before every checkpoint the ranks compare their weights (agree.check_replicas): replicas
+  that drifted apart raise ReplicasDiverged on every rank, and that checkpoint is not written.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from dataclasses import dataclass, field
 from nanoforge import pipes
 from nanoforge.common import get_logger
 from nanoforge.formats import human
-from nanoforge.training.agree import agree
+from nanoforge.training.agree import ReplicasDiverged, agree, check_replicas, perturb_for_test
 from nanoforge.training.checkpoint import archive_checkpoints, load_checkpoint, remove_partial, save_checkpoint
 from nanoforge.training.outputs import STEP_COLUMNS
 from nanoforge.training.plan import Plan, restart_message
@@ -145,17 +147,32 @@ def train_step(model, train_model, ddp, optimizers, loader, x, y, accum: int, gr
     return loss_sum, grad_norm, (x, y, state)
 
 
+def wrap_ddp(model, device):
+    """DDP around `model`: gradients live in the all-reduce buckets (no second copy of them), and no buffer
+    broadcast. The model's only buffers are the rotary cos/sin tables, computed from the config on every
+    rank and never trained (nothing like BatchNorm's running stats); DDP's default broadcast_buffers=True
+    would send rank 0's copy to every rank before every forward, a collective per micro-step that changes
+    nothing. check_replicas compares them with the weights at every checkpoint."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    # PyTorch 2.13 renamed broadcast_buffers (now deprecated, with a warning) to forward_sync_buffers
+    name = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
+               **{name: False})
+
+
 def train(plan: Plan, runtime, run, stop: StopFlag) -> TrainResult:
     """Build, resume, loop, save. Returns the result on every rank (its summary on rank 0 only)."""
     import torch
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     from nanoforge.evaluation.bpb import evaluate_bpb, rank_batches, shard_rows
     from nanoforge.model.gpt import build_model
     from nanoforge.cpus import thread_plan
     from nanoforge.training.loader import TrainLoader
     from nanoforge.training.optim import build_optimizers, lr_multiplier, muon_momentum
-    from nanoforge.runtime import peak_flops
+    from nanoforge.runtime import peak_flops, probe_details
     from nanoforge.model.sampling import generate
 
     cfg, device, main = plan.cfg, runtime.device, runtime.is_main
@@ -182,8 +199,9 @@ def train(plan: Plan, runtime, run, stop: StopFlag) -> TrainResult:
 
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
     ddp = None
-    if runtime.distributed:  # gradients live in the all-reduce buckets: no second copy of them
-        ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
+    if runtime.distributed:
+        ddp = wrap_ddp(model, device)
+        perturb_for_test(model, runtime.rank)  # a no-op unless a test sets NANOFORGE_TEST_PERTURB_RANK
     train_model = ddp if ddp is not None else model
     if use_compile:
         train_model = torch.compile(train_model, dynamic=False)
@@ -210,6 +228,7 @@ def train(plan: Plan, runtime, run, stop: StopFlag) -> TrainResult:
         return elapsed_before + time.perf_counter() - t_start
 
     def save(at_step: int, state: dict) -> None:
+        check_replicas(model, runtime, at_step, checkpoint_dir)  # every rank: equal weights, or no checkpoint
         if main:
             meta = {"compat": plan.compat, "config": cfg.model_dump(mode="json"), "model": plan.model_config.to_dict(),
                     "loader": state, "loss_ema_raw": ema, "elapsed": elapsed(), "tokens": at_step * tokens_per_step,
@@ -351,6 +370,7 @@ def train(plan: Plan, runtime, run, stop: StopFlag) -> TrainResult:
             "peak_memory_mb": peak_mem,
             "device": str(device.type),
             "dtype": str(runtime.dtype).replace("torch.", ""),
+            "dtype_probe": probe_details(runtime.dtype_probe),  # what dtype auto measured (None: not auto, or CUDA)
             "compile": use_compile,
             "resumed_from": str(plan.resume_from) if plan.resume_from else None,
             "init_from": str(plan.init_from) if plan.init_from else None,

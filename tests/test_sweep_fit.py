@@ -101,6 +101,8 @@ def test_fit_refuses_too_little():
     cell = build_grid([1e13], [2, 3, 4], vocab_size=4096, sequence_len=64, total_batch_size=512)[0]
     (p,) = points_from_rows([{**cell.to_dict(), "tokens_trained": 1234, "val_bpb": 1.5}])
     assert (p.name, p.budget, p.depth, p.num_params, p.tokens) == (cell.name, 1e13, 2, cell.num_params, 1234)
+    (p,) = points_from_rows([{**cell.to_dict(), "n": cell.params("no_embedding"), "val_bpb": 1.5}], params_key="n")
+    assert p.num_params == cell.num_params - cell.params_wte and p.tokens == cell.tokens
     with pytest.raises(FitError, match="no 'tokens'"):
         points_from_rows([{"budget": 1e18, "depth": 4, "num_params": 1e6, "val_bpb": 1.0}])
 
@@ -117,6 +119,14 @@ def test_grid_counts_match_the_model_and_the_train_horizon():
         assert model_counts(depth, 4100, 256, kv) == (model.num_params(), model.estimate_flops())
     cells = build_grid([3e12, 1e13], [2, 3, 4], vocab_size=4096, sequence_len=64, total_batch_size=512)
     assert [c.name for c in cells] == ["c3e12-d2", "c3e12-d3", "c3e12-d4", "c1e13-d2", "c1e13-d3", "c1e13-d4"]
+    with torch.device("meta"):
+        model = GPT(config_for_depth(3, 4096, 64))
+    c = cells[1]
+    assert (c.params_wte, c.params_lm_head) == (model.transformer.wte.weight.numel(), model.lm_head.weight.numel())
+    assert c.params("transformer") == sum(p.numel() for p in model.transformer.h.parameters())
+    assert c.params("no_embedding") == c.params("transformer") + c.params_lm_head == c.num_params - c.params_wte
+    with pytest.raises(GridError, match="params convention 'kaplan'"):
+        c.params("kaplan")
     for c in cells:
         cfg = TrainConfig(depth=c.depth, max_seq_len=64, device_batch_size=8, total_batch_size=512,
                           num_iterations=None, target_flops=c.budget)
@@ -143,6 +153,8 @@ def test_grid_refuses_before_any_work():
     assert "c1e13" not in str(err.value)
     with pytest.raises(GridError, match="sweep.depths: depth 6 .*no model shape.*n_kv_head=2"):
         build_grid([1e13], [4, 6, 8], vocab_size=4096, sequence_len=64, total_batch_size=512, n_kv_head=2)
+    with pytest.raises(GridError, match="sweep.depths: \\[0\\]: .*at least 1"):
+        build_grid([1e13], [0, 2, 4], **shape)
     with pytest.raises(GridError, match="sweep.budgets: \\[-1.0\\]"):
         build_grid([-1], [2, 3, 4], **shape)
 

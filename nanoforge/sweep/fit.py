@@ -105,18 +105,19 @@ class ScalingFit:
         }
 
 
-def points_from_rows(rows: Iterable[Mapping]) -> list[Point]:
+def points_from_rows(rows: Iterable[Mapping], params_key: str = "num_params") -> list[Point]:
     """Rows (dicts with budget, depth, num_params, tokens, val_bpb; optional name) -> checked Points.
 
     `tokens_trained` (the train stage's metric: what the cell really trained) wins over `tokens`
     (the grid's plan), so a row can be a grid Cell's dict updated with the cell's metrics.json.
+    `params_key` names the row's N (e.g. a column holding `Cell.params("no_embedding")`).
     """
     out = []
     for i, row in enumerate(rows):
         name = str(row.get("name") or f"row {i}")
         try:
             tokens = row["tokens_trained"] if row.get("tokens_trained") is not None else row["tokens"]
-            p = Point(float(row["budget"]), int(row["depth"]), float(row["num_params"]), float(tokens),
+            p = Point(float(row["budget"]), int(row["depth"]), float(row[params_key]), float(tokens),
                       float(row["val_bpb"]), name)
         except KeyError as exc:
             raise FitError(f"cell {name}: no {exc.args[0]!r} (needs budget, depth, num_params, tokens, val_bpb)") from None

@@ -22,6 +22,9 @@ from nanoforge.model.shape import config_for_depth
 
 MIN_STEPS = 10  # fewer optimizer steps than this and val BPB says more about the schedule than the size
 MIN_DEPTHS = 3  # points per isoFLOP parabola (3 coefficients)
+# Which parameters count as N in the fit (nanochat's dev/scaling_analysis.ipynb offers the same three and
+# uses no_embedding): the embedding is a lookup, not compute, and dominates N at small depths.
+PARAM_CONVENTIONS = ("total", "no_embedding", "transformer")
 
 
 class GridError(ValueError):
@@ -37,6 +40,15 @@ class Cell:
     flops_per_token: int  # GPT.estimate_flops
     num_iterations: int  # optimizer steps at this budget
     tokens: int  # num_iterations * total_batch_size
+    params_wte: int = 0  # the token embedding
+    params_lm_head: int = 0
+
+    def params(self, convention: str = "total") -> int:
+        """N under one of PARAM_CONVENTIONS: total, no_embedding (lm head + blocks), transformer (blocks only)."""
+        if convention not in PARAM_CONVENTIONS:
+            raise GridError(f"params convention {convention!r}: expected one of {', '.join(PARAM_CONVENTIONS)}")
+        drop = {"total": 0, "no_embedding": self.params_wte, "transformer": self.params_wte + self.params_lm_head}
+        return self.num_params - drop[convention]
 
     @property
     def flops(self) -> float:
@@ -94,19 +106,24 @@ def build_grid(budgets: Sequence[float], depths: Sequence[int], vocab_size: int,
     bad_budget = [b for b in budgets if not b > 0 or b != b or b == float("inf")]
     if bad_budget:
         raise GridError(f"sweep.budgets: {bad_budget} must be positive finite FLOPs")
+    if min(depths) < 1:
+        raise GridError(f"sweep.depths: {[d for d in depths if d < 1]}: a depth is a number of layers, at least 1")
     names = [cell_name(b, d) for b in budgets for d in depths]
     _unique(names, "sweep.budgets (budgets equal to 6 significant digits share a cell name)")
     cells, short = [], []
     for depth in sorted(depths):
         try:
             params, fpt = model_counts(depth, vocab_size, sequence_len, n_kv_head)
+            shape = config_for_depth(depth, vocab_size, sequence_len, n_kv_head)
+            embedding = shape.padded_vocab_size * shape.n_embd  # the embedding's size, and the LM head's (untied)
         except ValueError as exc:
             raise GridError(f"sweep.depths: depth {depth} (cell {cell_name(budgets[0], depth)}) has no model shape: "
                             f"{exc}") from None
         for budget in budgets:
             # the train stage's horizon for target_flops (plan.resolve_horizon), to the step
             steps = max(1, round(budget / (fpt * total_batch_size)))
-            cell = Cell(cell_name(budget, depth), budget, depth, params, fpt, steps, steps * total_batch_size)
+            cell = Cell(cell_name(budget, depth), budget, depth, params, fpt, steps, steps * total_batch_size,
+                        embedding, embedding)
             if steps < min_steps:
                 short.append(cell)
             cells.append(cell)

@@ -206,7 +206,9 @@ class TrainConfig(Section):
                                                                "decay to final_lr_frac")
     final_lr_frac: float = Field(0.0, ge=0, le=1, description="LR multiplier reached at the last step")
     device: Device = Field("auto", description="auto (cuda > mps > cpu) | cpu | cuda | mps")
-    dtype: DType = Field("auto", description="auto (bf16 on CUDA and on CPUs with avx512_bf16/AMX, else fp32) "
+    dtype: DType = Field("auto", description="auto (bf16 on CUDA; on CPU whichever of fp32/bf16 a ~1 s probe of "
+                                             "this model measures faster, cached in ~/.cache/nanoforge/dtype_probe.json: "
+                                             "delete it or set NANOFORGE_DTYPE_REPROBE=1 to measure again) "
                                              "| float32 | bfloat16")
     # YAML 1.1 tools read a bare on/off as a boolean: take those to mean the same
     compile: Annotated[
@@ -286,7 +288,9 @@ class EvaluateConfig(Section):
     skip_bad_tasks: bool = Field(False, description="a bad task in the bundle: false = stop with an error, "
                                                     "true = skip it with a warning")
     device: Device = Field("auto", description="auto | cpu | cuda | mps")
-    dtype: DType = Field("auto", description="auto (bf16 on CUDA and bf16-capable CPUs) | float32 | bfloat16")
+    dtype: DType = Field("auto", description="auto (as train.dtype: bf16 on CUDA, on CPU the faster one measured "
+                                             "for this model's forward; NANOFORGE_DTYPE_REPROBE=1 measures again) "
+                                             "| float32 | bfloat16")
     nproc_per_node: int = Field(1, ge=1, description="processes under torchrun (items and BPB rows are split "
                                                      "over them)")
     collective_timeout_s: float = Field(600.0, gt=0, description="a collective that waits longer fails the "

@@ -35,9 +35,10 @@ def main(argv: list[str] | None = None) -> int:
         pipes.error(exc)  # prints `error: ...` and gives Dagster the failure's message
         return 2
 
-    from nanoforge.runtime import init_runtime, shutdown
+    from nanoforge.runtime import ProbeShape, init_runtime, shutdown
 
-    runtime = init_runtime(cfg.device, cfg.dtype, cfg.collective_timeout_s, "evaluate.collective_timeout_s")
+    probe = ProbeShape.of(inputs["model_meta"]["model"], cfg.device_batch_size, train=False)  # dtype auto's probe
+    runtime = init_runtime(cfg.device, cfg.dtype, cfg.collective_timeout_s, "evaluate.collective_timeout_s", probe, log)
     try:
         tags = {"world_size": runtime.world_size, "device": str(runtime.device)}
         with stage_run("evaluate", cfg.model_dump(mode="json"), tags=tags) as run:

@@ -36,7 +36,7 @@ from nanoforge.data.shards import ShardError
 from nanoforge.tokenizer.bpe import TokenizerError
 from nanoforge.training.checkpoint import CheckpointError, CheckpointWriteError, check_start, latest_checkpoint
 from nanoforge.training.lock import OutputsLocked, RunLock
-from nanoforge.training.plan import INIT_ENV, RESUME_ENV, describe, plan_run, run_dirs
+from nanoforge.training.plan import INIT_ENV, RESUME_ENV, describe, plan_run, run_dirs, start_runtime
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: the stage did not finish; run it again to resume
 log = get_logger("train")
@@ -68,12 +68,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error (rank {os.environ.get('RANK')}): {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
 
-    from nanoforge.runtime import init_runtime, shutdown
+    from nanoforge.runtime import shutdown
     from nanoforge.tracking import stage_run
     from nanoforge.training.loop import NonFiniteLoss, Preempted, ReplicasDiverged, StopFlag, fmt_time, prepare, train
     from nanoforge.training.outputs import log_outputs, report, write_outputs
 
-    runtime = init_runtime(cfg.device, cfg.dtype, cfg.collective_timeout_s, "train.collective_timeout_s")
+    runtime = start_runtime(plan, log)  # device, dtype (auto: probed for this model), process group
     stop = StopFlag()
     stop.install()
     try:

@@ -130,6 +130,8 @@ def run_evaluation(cfg, inputs: dict, runtime, log) -> dict:
 
 def write_outputs(out: dict, inputs: dict, runtime, run_id: str | None) -> dict:
     """The four files; returns metrics.json and details.json merged (what MLflow and Dagster are sent)."""
+    from nanoforge.runtime import probe_details  # torch: loaded by now, not when the stage validates
+
     rows = task_table(out["results"])
     metrics = {
         "val_bpb": out["val_bpb"],
@@ -150,6 +152,7 @@ def write_outputs(out: dict, inputs: dict, runtime, run_id: str | None) -> dict:
         "sample_seconds": out["sample_seconds"],
         "device": str(runtime.device),
         "dtype": str(runtime.dtype).replace("torch.", ""),
+        "dtype_probe": probe_details(getattr(runtime, "dtype_probe", None)),  # what dtype auto measured, if it did
         "world_size": runtime.world_size,
         "model_step": out["model_train"].get("step"),
         "mlflow_run_id": run_id,

@@ -172,7 +172,7 @@ def train(plan: Plan, runtime, run, stop: StopFlag) -> TrainResult:
     from nanoforge.cpus import thread_plan
     from nanoforge.training.loader import TrainLoader
     from nanoforge.training.optim import build_optimizers, lr_multiplier, muon_momentum
-    from nanoforge.runtime import peak_flops
+    from nanoforge.runtime import peak_flops, probe_details
     from nanoforge.model.sampling import generate
 
     cfg, device, main = plan.cfg, runtime.device, runtime.is_main
@@ -370,6 +370,7 @@ def train(plan: Plan, runtime, run, stop: StopFlag) -> TrainResult:
             "peak_memory_mb": peak_mem,
             "device": str(device.type),
             "dtype": str(runtime.dtype).replace("torch.", ""),
+            "dtype_probe": probe_details(runtime.dtype_probe),  # what dtype auto measured (None: not auto, or CUDA)
             "compile": use_compile,
             "resumed_from": str(plan.resume_from) if plan.resume_from else None,
             "init_from": str(plan.init_from) if plan.init_from else None,

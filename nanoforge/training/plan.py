@@ -388,6 +388,16 @@ def check_save_time(plan: Plan) -> None:
         get_logger("train").warning("%s", message)
 
 
+def start_runtime(plan: Plan, log=None):
+    """`init_runtime` for this plan: its device and dtype (`auto` on a CPU probes one block of this
+    model at this device batch, nanoforge/runtime.py), and the process group with its timeout."""
+    from nanoforge.runtime import ProbeShape, init_runtime
+
+    cfg = plan.cfg
+    return init_runtime(cfg.device, cfg.dtype, cfg.collective_timeout_s, "train.collective_timeout_s",
+                        ProbeShape.of(plan.model_config, cfg.device_batch_size), log)
+
+
 def describe(plan: Plan, runtime) -> str:
     """The one line that says what this run is."""
     cfg = plan.cfg

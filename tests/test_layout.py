@@ -63,9 +63,11 @@ def import_closure(root: Path, entry: Path) -> set[Path]:
     return {p for p in seen if not (p.name == "__init__.py" and not p.read_text().strip())}
 
 
-def stage_entry(root: Path, cmd: str) -> Path | None:
-    match = re.search(r"-m\s+(stages\.[A-Za-z_]+)", cmd)
-    return module_file(root, match.group(1)) if match else None
+def stage_entries(root: Path, cmd: str) -> list[Path]:
+    """The project modules a command runs: its `-m` module (a launcher such as nanoforge.launch)
+    and the stage module it is given (`python -m nanoforge.launch stages.train`)."""
+    names = re.findall(r"-m\s+((?:stages|nanoforge)\.[A-Za-z_.]+)", cmd) + re.findall(r"(?<![\w.])(stages\.[A-Za-z_]+)", cmd)
+    return sorted({f for f in (module_file(root, n) for n in names) if f is not None})
 
 
 def missing_deps(root: Path) -> dict[str, list[str]]:
@@ -74,9 +76,10 @@ def missing_deps(root: Path) -> dict[str, list[str]]:
     problems: dict[str, list[str]] = {}
     for name, stage in spec["stages"].items():
         deps = [str(d) for d in stage.get("deps") or []]
-        entry = stage_entry(root, stage["cmd"])
-        assert entry is not None, f"stage {name}: its cmd does not run a `stages.<name>` module: {stage['cmd']}"
-        needed = sorted(str(p.relative_to(root)) for p in import_closure(root, entry))
+        entries = stage_entries(root, stage["cmd"])
+        assert any(e.parent.name == "stages" for e in entries), \
+            f"stage {name}: its cmd does not run a `stages.<name>` module: {stage['cmd']}"
+        needed = sorted({str(p.relative_to(root)) for e in entries for p in import_closure(root, e)})
         covered = lambda f: any(f == d or f.startswith(d.rstrip("/") + "/") for d in deps)  # noqa: E731
         issues = [f"missing dep {f}" for f in needed if not covered(f)]
         issues += [f"dep {d} does not exist" for d in deps

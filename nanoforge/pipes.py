@@ -17,6 +17,9 @@ Notable:
   as observations of the asset (pipelines/defs/resources.py).
 - error(): the stage's own one-line error (also printed to stderr as `error: ...`),
   which Dagster makes the step failure's message instead of torchrun's traceback.
+- Inside a Slurm job (launch.launcher: slurm) the job id and nodes go to Dagster as soon
+  as the connection opens (a log line and an observation) and in report()'s metadata,
+  so the run's page says which job to look at (squeue, sacct, its .out log).
 - Messages are custom Pipes messages `{"nanoforge": kind, ...}` (KINDS), read by
   pipelines/defs/resources.py; a Pipes failure is a warning, never the stage's failure.
 """
@@ -54,6 +57,11 @@ def _context():
 
             _state["context"] = open_dagster_pipes()
             atexit.register(close)
+            job = slurm_job()
+            if job:
+                _state["context"].report_custom_message(
+                    {"nanoforge": "progress", "numbers": job,
+                     "line": f"slurm: running as job {job['slurm_job_id']} on {job['slurm_nodes']}"})
         except Exception as exc:  # the orchestrator is a viewer; the stage's outputs are what matter
             _warn(exc)
             return None
@@ -100,8 +108,17 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def slurm_job() -> dict[str, str]:
+    """The Slurm job this process runs in (srun/sbatch set these), or {} outside Slurm."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return {}
+    return {"slurm_job_id": job, "slurm_nodes": os.environ.get("SLURM_JOB_NODELIST", "?")}
+
+
 def report(metadata: dict[str, Any]) -> bool:
-    """Send `metadata` as the asset's materialization metadata. True if sent."""
+    """Send `metadata` as the asset's materialization metadata (plus the Slurm job, if any). True if sent."""
+    metadata = {**slurm_job(), **metadata}
     return _send("report_asset_materialization", metadata={k: _plain(v) for k, v in metadata.items()})
 
 

@@ -11,22 +11,30 @@ Notable:
 - The stage's own error (`pipes.error`) is the failure's message; when a stage sent
   none (a crash), dvc_exec.error_from_output finds it in the output.
 - A cancel from the UI (DagsterExecutionInterruptedError) sends SIGINT, as the
-  client does; dvc_exec turns it into one SIGTERM for the stage.
+  client does; dvc_exec turns it into one SIGTERM for the stage (under `launch.launcher:
+  slurm`, nanoforge.launch makes that `scancel --signal=TERM`: the job checkpoints).
+- The Pipes channel is two files under the project (.pipes/<run>-<random>/), not in /tmp:
+  under Slurm the stage runs on a cluster node, which sees the project's (shared)
+  filesystem but not this machine's /tmp.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
 from dagster._core.errors import DagsterExecutionInterruptedError
 
 POLL_S = 0.5
+CHANNEL_DIR = ".pipes"  # under the project root: .gitignore'd, never a DVC output
 
 
 @dataclass
@@ -74,8 +82,19 @@ class Relay:
 def run_command(context: dg.AssetExecutionContext, command: list[str], cwd: str, env: dict[str, str],
                 termination_timeout_s: float) -> Outcome:
     """Run `command` under a Pipes session; relay progress live; return what came back (never raises on exit code)."""
-    with dg.open_pipes_session(context=context, context_injector=dg.PipesTempFileContextInjector(),
-                               message_reader=dg.PipesTempFileMessageReader()) as session:
+    channel = Path(cwd) / CHANNEL_DIR / f"{context.run_id}-{uuid.uuid4().hex[:8]}"
+    channel.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run_in_session(context, command, cwd, env, termination_timeout_s, channel)
+    finally:
+        shutil.rmtree(channel, ignore_errors=True)
+
+
+def _run_in_session(context: dg.AssetExecutionContext, command: list[str], cwd: str, env: dict[str, str],
+                    termination_timeout_s: float, channel: Path) -> Outcome:
+    with dg.open_pipes_session(context=context,
+                               context_injector=dg.PipesFileContextInjector(str(channel / "context.json")),
+                               message_reader=dg.PipesFileMessageReader(str(channel / "messages.jsonl"))) as session:
         relay = Relay(context, session)
         proc = subprocess.Popen(command, cwd=cwd, env={**os.environ, **env, **session.get_bootstrap_env_vars()})
         try:

@@ -294,7 +294,7 @@ def _attempt(url: str, part: Path, timeout: float, progress, stop, transferred: 
         if status >= 500:
             raise _Retry(f"HTTP {status} {resp.reason}", delay=retry_after_seconds(resp.headers.get("Retry-After")))
         if status == 404:
-            raise FetchError(f"{url}: HTTP 404 Not Found; check the URL (download.base_url / eval_bundle_url, HF_ENDPOINT, NANOFORGE_MIRROR)")
+            raise FetchError(f"{url}: HTTP 404 Not Found; check the URL (download.dataset / base_url / eval_bundle_url, HF_ENDPOINT, NANOFORGE_MIRROR)")
         if status >= 400 or status not in (200, 206):
             raise FetchError(f"{url}: HTTP {status} {resp.reason}")
         length = resp.headers.get("Content-Length")
@@ -404,7 +404,7 @@ def probe(url: str, timeout: float = 30.0) -> int | None:
         return None
     with resp:
         if resp.status_code == 404:
-            raise FetchError(f"{url}: HTTP 404 Not Found; check the URL (download.base_url / eval_bundle_url, HF_ENDPOINT, NANOFORGE_MIRROR)")
+            raise FetchError(f"{url}: HTTP 404 Not Found; check the URL (download.dataset / base_url / eval_bundle_url, HF_ENDPOINT, NANOFORGE_MIRROR)")
         if resp.status_code in (401, 403, 410):
             raise FetchError(f"{url}: HTTP {resp.status_code} {resp.reason}")
         if resp.status_code != 200:

@@ -59,7 +59,9 @@ def workdir(tmp_path, monkeypatch):
 
 def use_climbmix(work: Path) -> None:
     params = work / "params.yaml"
-    params.write_text(params.read_text().replace("dataset: fineweb-edu", "dataset: climbmix", 1))
+    text = params.read_text()
+    assert "\n  dataset: fineweb-edu " in text
+    params.write_text(text.replace("\n  dataset: fineweb-edu ", "\n  dataset: climbmix ", 1))  # the key, not a comment
 
 
 # ---------------------------------------------------------------------------

@@ -107,3 +107,45 @@ def test_a_failed_job_fails_the_command_with_slurms_reason(cluster, tmp_path):
     assert proc.returncode != 0 and "submitted job" in proc.stdout
     (line,) = [l for l in proc.stderr.splitlines() if l.startswith("slurm: job ")]
     assert " failed: state FAILED, exit " in line and "reason NonZeroExitCode" in line, line
+
+
+def test_the_pipeline_through_dagster_runs_train_and_evaluate_as_slurm_jobs(cluster, tmp_path_factory):
+    """dvc.yaml's command is nanoforge.launch, so `launcher: slurm` in params.yaml is all it takes:
+    the Dagster assets run `dvc repro`, DVC runs the launcher, the launcher submits and waits. The
+    stage talks to Dagster over the file-based Pipes channel in the project (which the nodes share),
+    and the run shows the Slurm job."""
+    import dagster as dg
+
+    from pipelines.definitions import build_definitions
+    from tests.conftest import make_project, module_env
+    from tests.datagen import make_eval_bundle, make_fineweb
+    from tests.test_pipelines_e2e import TINY, materializations
+
+    base = tmp_path_factory.mktemp("dagster-slurm")
+    with module_env(base) as mp:
+        mirror = base / "mirror"
+        make_fineweb(mirror, train=(0, 1), val=1822, docs_per_shard=300, manifest=False)
+        make_eval_bundle(mirror / "eval_bundle", items_per_task=8)
+        mp.setenv("NANOFORGE_MIRROR", str(mirror))
+        mp.setenv("PYTHONPATH", str(REPO))  # the job's Python finds the project as a plain run's does
+        for key, value in cluster.env.items():
+            mp.setenv(key, value)
+        # two tasks: device batch 2 keeps train's batch arithmetic (256 tokens = 2 x 64 x 2 ranks)
+        project = make_project(base / "project", {**TINY, "train.device_batch_size": 2, "launch.launcher": "slurm",
+                                                  "launch.tasks_per_node": 2, "launch.partition": "debug",
+                                                  "launch.rdzv_port": free_port()})
+        result = build_definitions(project).resolve_job_def("pipeline").execute_in_process(
+            instance=dg.DagsterInstance.get(), raise_on_error=False)
+    assert result.success, [e.message for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
+    done = materializations(result)
+    for stage in ("train", "evaluate"):
+        assert done[stage]["slurm_job_id"].isdigit(), done[stage]
+        assert len(list((project / "artifacts/slurm").glob(f"{stage}-*.sbatch"))) == 1
+    assert done["train"]["slurm_job_id"] != done["evaluate"]["slurm_job_id"]
+    # while it ran: the job id as an observation of the asset (and a log line), not only at the end
+    seen = [e.event_specific_data.asset_observation.metadata for e in result.all_events
+            if e.event_type_value == "ASSET_OBSERVATION" and e.asset_key.to_user_string() == "train"]
+    assert any(m.get("slurm_job_id") and m["slurm_job_id"].value == done["train"]["slurm_job_id"] for m in seen)
+    details = json.loads((project / "artifacts/train/details.json").read_text())
+    assert details["world_size"] == 2
+    assert not any((project / ".pipes").iterdir())  # each step's channel is removed when it ends

@@ -12,6 +12,10 @@ Notable:
   stage itself returns and what the orchestrator reads as "stopped; run again to resume".
 - A failed worker (ChildFailedError) is one `error:` line naming its rank and exit code
   (its own error is printed above it) and exits with that code, not torchrun's 1.
+- Multi-node: the c10d store lives in the first agent that arrived; when that node dies the
+  others lose the rendezvous (RendezvousError, a traceback wall in torchrun). Here it is one
+  `error:` line saying a node is gone and how to resume (the same command on every node,
+  any node count), exit 1.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import main as torchrun
 
     try:
@@ -39,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode if failure.exitcode < 0 else 1
         return code
+    except RendezvousError as exc:
+        cause = " ".join(str(exc.__cause__ or exc).split())[:200]
+        print(f"error: lost the rendezvous with the other nodes ({type(exc).__name__}: {cause}): a node died or "
+              "left (the first to arrive holds the c10d store); the workers here were stopped. Run the same "
+              "command on every node that is left: training resumes from the last checkpoint, at any node count",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -62,8 +63,8 @@ class Agent:
     """One node's torchrun agent, in a session of its own (the test can stop or kill it whole);
     threads drain its output so a long run never blocks on a full pipe."""
 
-    def __init__(self, root: Path, port: int, *args: str):
-        cmd = [tool("torchrun"), "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+    def __init__(self, root: Path, port: int, *args: str, launcher: list[str] | None = None):
+        cmd = [*(launcher or [tool("torchrun")]), "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
                f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=multinode-test", "-m", "stages.train", *args]
         self.proc = subprocess.Popen(cmd, cwd=root, env=env_for(root, NANOFORGE_TRACKING="off"),
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -185,3 +186,43 @@ def test_nodes_that_do_not_share_the_checkpoint_folder_are_refused(single, templ
     for node in (node_a, node_b):
         assert not (node / "artifacts/train/steps.csv").exists()
         assert not list((node / "artifacts/checkpoints").glob(".shared-check-*"))
+
+
+def test_a_node_that_dies_ends_the_survivor_and_the_run_resumes_on_one_node(single, template, tmp_path):
+    # issue 17: a node lost mid-run (SIGKILL: no checkpoint, no goodbye). The survivor must exit
+    # with an error line in bounded time, and the run must resume from the last checkpoint at another
+    # world size (one process, 2 micro-steps: the same global batches) and finish. The agents are
+    # nanoforge.torchrun, as the README says to run them: the first agent holds the c10d store, and
+    # when its node dies plain torchrun ends the other in a RendezvousConnectionError traceback.
+    root = clone(template, tmp_path / "w")
+    write_params(root, **{**SMALL, "num_iterations": 40, "save_every": 4, "eval_every": 0,
+                          "collective_timeout_s": 30})  # params.yaml, not --set: a one-off run saves elsewhere
+    port = free_port()
+    ours = [sys.executable, "-m", "nanoforge.torchrun"]
+    dying = Agent(root, port, launcher=ours)  # first: it holds the store
+    time.sleep(1)
+    survivor = Agent(root, port, launcher=ours)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(line.startswith("step 00010/") for a in (survivor, dying) for line in a.out):
+            assert time.monotonic() < deadline and survivor.proc.poll() is None and dying.proc.poll() is None, \
+                "".join(survivor.err + dying.err)[-4000:]
+            time.sleep(0.1)
+        dying.kill()  # the whole agent and its worker, at once
+        t0 = time.monotonic()
+        rc, err = survivor.wait(timeout=120)
+        waited = time.monotonic() - t0
+    finally:
+        survivor.kill()
+        dying.kill()
+    assert rc != 0 and waited < 75, (rc, waited, err[-3000:])  # the timeout at most, plus torchrun's teardown
+    assert errors(err), err[-3000:]  # an `error` line says why, not only a traceback
+    assert "Traceback" not in err.split("\n")[-2], err[-3000:]
+    saved = sorted(int(p.name.split("_")[1]) for p in (root / "artifacts/checkpoints").glob("step_*"))
+    assert saved and saved[-1] >= 8, saved
+    resumed = run_train(root, NANOFORGE_TRACKING="off")  # world size 1 now
+    assert f"resuming from artifacts/checkpoints/step_{saved[-1]:06d}" in resumed.stdout + resumed.stderr, \
+        resumed.stdout[-3000:]
+    steps = read_csv(root / "artifacts/train/steps.csv")
+    assert [int(r["step"]) for r in steps][-1] == 40
+    assert (root / "artifacts/model/model.safetensors").exists()

@@ -33,7 +33,7 @@ help:
 	@echo "make bench  run the benchmarks in bench/"
 	@echo "make team-up / team-down / team-status   the team stack: Postgres, S3, MLflow server, Dagster daemon + webserver"
 	@echo "make test-team  the team-mode tests (they start and stop their own stack)"
-	@echo "make test-slurm the Slurm launcher on a real one-node cluster (apt-installs slurm-wlm and munge when missing), and multi-node torchrun"
+	@echo "make test-slurm the Slurm launcher on a real one-node cluster (apt-installs slurm-wlm and munge when missing), multi-node torchrun and the other slow runs"
 
 setup: $(STAMP)
 
@@ -113,7 +113,7 @@ test-team: team-setup
 # tests/slurm/cluster.py installs slurm-wlm + munge with apt (as root) when missing, starts munged,
 # slurmctld and slurmd in a temp dir and stops them after; skipped with the reason where they can't run
 test-slurm: setup
-	$(BIN)/python -m pytest -m "slurm or cluster" tests/slurm tests/test_multinode.py $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "slurm or cluster" tests $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -74,6 +74,7 @@ def test_ddp_broadcasts_no_buffers_and_equal_replicas_pass(one_rank_group, tmp_p
     check_replicas(model, one_rank_group, 3, tmp_path)  # through the real gather: one rank agrees with itself
 
 
+@pytest.mark.cluster  # two torchrun ranks for a whole run: make test-slurm, to keep make test under 10 minutes
 def test_a_rank_that_drifts_stops_the_run_before_its_checkpoint(template, tmp_path):
     # issue 12: replicas stayed equal only by bitwise determinism, and only rank 0's copy was saved
     root = clone(template, tmp_path / "w")

@@ -8,12 +8,15 @@ checkpoints are archived and training starts fresh.
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 
 from tests.conftest import TINY, copy_project, run, tool
 
 
+@pytest.mark.cluster  # a whole pipeline, then dvc exp runs: minutes; make test-slurm runs it, make test stays under 10
 def test_dvc_exp_run_with_a_changed_horizon_right_after_a_finished_run(tiny_pipeline, tmp_path):
     project, env = tiny_pipeline
     work = copy_project(project, tmp_path / "project")

@@ -18,10 +18,9 @@ from nanoforge.config import DATASETS, ConfigError, DownloadConfig, load_params
 from nanoforge.data import download
 from nanoforge.data.shards import read_manifest
 from stages.download import main
-from tests.conftest import REPO
 from tests.datagen import make_documents, make_eval_bundle, make_fineweb, write_shard
-from tests.mirror_server import MirrorServer
-from tests.test_download import zip_folder
+# test_download's fixtures: `server` serves this module's own `mirror`
+from tests.test_download import server, workdir, zip_folder  # noqa: F401
 
 CLIMBMIX = DATASETS["climbmix"]
 HUB_PATH = f"datasets/{CLIMBMIX.repo}/resolve/main"
@@ -36,25 +35,6 @@ def mirror(tmp_path_factory) -> Path:
         write_shard(root / HUB_PATH / shard_name(index), make_documents(100, seed=1000 + index), row_group_size=32)
     zip_folder(make_eval_bundle(tmp_path_factory.mktemp("bundle") / "eval_bundle"), root / "eval_bundle.zip")
     return root
-
-
-@pytest.fixture
-def server(mirror):
-    with MirrorServer(mirror) as srv:
-        yield srv
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    work = tmp_path / "work"
-    work.mkdir()
-    (work / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    monkeypatch.chdir(work)
-    monkeypatch.setenv("NANOFORGE_TRACKING", "off")
-    monkeypatch.delenv("HF_ENDPOINT", raising=False)
-    monkeypatch.delenv("NANOFORGE_MIRROR", raising=False)
-    monkeypatch.setattr(fetch, "BACKOFF_BASE_S", 0.01)
-    return work
 
 
 def use_climbmix(work: Path) -> None:

@@ -106,6 +106,15 @@ def finish(agents: list[Agent], timeout: float = 180) -> list[tuple[int, str]]:
             a.kill()
 
 
+def wait_for_step(agents: list[Agent], step: int, timeout: float = 120) -> None:
+    """Until some agent's log shows `step`, failing with their errors if one of them exits first."""
+    deadline = time.monotonic() + timeout
+    while not any(line.startswith(f"step {step:05d}/") for a in agents for line in a.out):
+        assert time.monotonic() < deadline and all(a.proc.poll() is None for a in agents), \
+            "".join(e for a in agents for e in a.err)[-4000:]
+        time.sleep(0.1)
+
+
 def errors(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error")]
 
@@ -135,11 +144,7 @@ def test_a_frozen_node_is_an_error_within_the_collective_timeout(template, tmp_p
                  "--set", "eval_every=0")
     survivor, frozen = Agent(root, port, *overrides), Agent(root, port, *overrides)
     try:
-        deadline = time.monotonic() + 120
-        while not any(line.startswith("step 00003/") for a in (survivor, frozen) for line in a.out):
-            assert time.monotonic() < deadline and survivor.proc.poll() is None and frozen.proc.poll() is None, \
-                "".join(survivor.err + frozen.err)[-4000:]
-            time.sleep(0.2)
+        wait_for_step([survivor, frozen], 3)
         workers = psutil.Process(frozen.proc.pid).children(recursive=True)
         assert workers, "the frozen agent has no worker"
         for w in workers:
@@ -203,11 +208,7 @@ def test_a_node_that_dies_ends_the_survivor_and_the_run_resumes_on_one_node(sing
     time.sleep(1)
     survivor = Agent(root, port, launcher=ours)
     try:
-        deadline = time.monotonic() + 120
-        while not any(line.startswith("step 00010/") for a in (survivor, dying) for line in a.out):
-            assert time.monotonic() < deadline and survivor.proc.poll() is None and dying.proc.poll() is None, \
-                "".join(survivor.err + dying.err)[-4000:]
-            time.sleep(0.1)
+        wait_for_step([survivor, dying], 10)
         dying.kill()  # the whole agent and its worker, at once
         t0 = time.monotonic()
         rc, err = survivor.wait(timeout=120)

@@ -83,7 +83,7 @@ def test_a_rank_that_drifts_stops_the_run_before_its_checkpoint(template, tmp_pa
     proc = subprocess.run(launcher, cwd=root, env=env_for(root, NANOFORGE_TRACKING="off", NANOFORGE_TEST_PERTURB_RANK="1"),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
-    (perturbed,) = re.findall(r"NANOFORGE_TEST_PERTURB_RANK: rank 1 perturbed (\S+)", proc.stderr)
+    (perturbed,) = re.findall(r"NANOFORGE_TEST_PERTURB_RANK: rank 1 perturbed ([\w.]+)", proc.stderr)
     lines = [l for l in proc.stderr.splitlines() if l.startswith("error")]
     assert len(lines) == 2 and lines[1].startswith("error: 2 worker(s) failed"), proc.stderr[-4000:]  # the launcher's
     line = lines[0]  # rank 0's: the other rank stops with it, quietly

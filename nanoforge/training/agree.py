@@ -241,4 +241,6 @@ def perturb_for_test(model, rank: int) -> None:
     name, param = params[len(params) // 2]
     with torch.no_grad():
         param.view(-1)[0] += 0.01
-    print(f"{PERTURB_ENV}: rank {rank} perturbed {name}", file=sys.stderr, flush=True)
+    # one write with its newline: print() writes the end separately, and the other rank's log line can land between
+    sys.stderr.write(f"{PERTURB_ENV}: rank {rank} perturbed {name}\n")
+    sys.stderr.flush()

@@ -29,8 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     log = get_logger("evaluate")
     try:  # plan: params, model files, tokenizer, manifest and the whole bundle, before the model loads
-        cfg = resolve("evaluate", args, quiet=not is_rank0()).evaluate
-        inputs = check_inputs(cfg, log)
+        params = resolve("evaluate", args, quiet=not is_rank0())
+        cfg = params.evaluate
+        inputs = check_inputs(cfg, log, params.download.dataset)
     except (ConfigError, BundleError, ShardError, TokenizerError, CheckpointError, FileNotFoundError) as exc:
         pipes.error(exc)  # prints `error: ...` and gives Dagster the failure's message
         return 2

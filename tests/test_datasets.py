@@ -162,15 +162,27 @@ def test_a_switch_refuses_to_mix_datasets_in_one_folder(workdir, server, mirror,
             == (mirror / HUB_PATH / "shard_00000.parquet").read_bytes())
 
 
-def test_tokenizer_and_train_refuse_another_datasets_shards(workdir, capsys):
+def test_tokenizer_train_and_evaluate_refuse_another_datasets_shards(workdir, capsys):
+    from stages.evaluate import main as evaluate
     from stages.tokenizer import main as tokenizer
     from stages.train import main as train
 
     make_fineweb(Path("data/fineweb"), train=(0, 1), val=1822, docs_per_shard=50)  # a fineweb-edu manifest
     use_climbmix(workdir)
-    for stage in (tokenizer, train):
+    for stage in (tokenizer, train, evaluate):
         assert stage([]) == 2
         err = capsys.readouterr().err
         assert "lists fineweb-edu shards but download.dataset is climbmix" in err, err
         assert "python -m stages.download" in err
     assert not Path("artifacts").exists()
+
+
+def test_every_stage_that_checks_the_dataset_lists_it_as_a_param():
+    # without the param, switching download.dataset leaves dvc repro saying "up to date": the guard never runs
+    import yaml
+
+    from tests.conftest import REPO
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name in ("tokenizer", "train", "evaluate"):
+        assert "download.dataset" in stages[name]["params"], name

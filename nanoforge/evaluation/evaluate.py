@@ -27,8 +27,9 @@ import time
 
 from nanoforge.tokenizer.bpe import TokenizerError, load_tokenizer
 from nanoforge.common import EVAL_BUNDLE_DIR, EVAL_DIR, FINEWEB_DIR, MODEL_DIR, TOKENIZER_DIR, read_json, write_json, write_text
+from nanoforge.config import DEFAULT_DATASET
 from nanoforge.evaluation.core import load_bundle
-from nanoforge.data.shards import read_manifest, train_shard_paths, val_shard_path
+from nanoforge.data.shards import check_dataset, read_manifest, train_shard_paths, val_shard_path
 from nanoforge.gpus import check_processes_fit_gpus
 from nanoforge.training.checkpoint import CONFIG, WEIGHTS, check_weights
 
@@ -37,9 +38,12 @@ OUTPUT_FILES = ("metrics.json", "details.json", "core.csv", "samples.json")
 METRICS = ("val_bpb", "val_bpb_tokens", "train_bpb", "train_bpb_tokens", "core")  # metrics.json; the rest: details.json
 
 
-def check_inputs(cfg, log) -> dict:
+def check_inputs(cfg, log, dataset: str = DEFAULT_DATASET) -> dict:
     """Everything the stage reads, validated; raises with a message naming the problem and the fix."""
     check_processes_fit_gpus("evaluate", cfg.nproc_per_node, cfg.device)
+    manifest = read_manifest(FINEWEB_DIR / "MANIFEST.json")
+    # params switched download.dataset but data/ was not downloaded again: the val BPB would be another dataset's
+    check_dataset(manifest, dataset, FINEWEB_DIR / "MANIFEST.json")
     for name in (WEIGHTS, CONFIG):
         if not (MODEL_DIR / name).exists():
             raise FileNotFoundError(f"{MODEL_DIR / name}: missing; train a model first (dvc repro train)")
@@ -56,7 +60,6 @@ def check_inputs(cfg, log) -> dict:
             f"the model in {MODEL_DIR} has a vocabulary of {model_vocab} but the tokenizer in {TOKENIZER_DIR} has "
             f"{tokenizer.vocab_size}: they come from different runs (dvc repro re-trains the model)"
         )
-    manifest = read_manifest(FINEWEB_DIR / "MANIFEST.json")
     val_path = val_shard_path(manifest, FINEWEB_DIR)
     train_paths = train_shard_paths(manifest, FINEWEB_DIR)
     tasks, skipped = load_bundle(EVAL_BUNDLE_DIR, cfg.core_tasks, skip_bad=cfg.skip_bad_tasks, log=log)

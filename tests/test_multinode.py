@@ -2,7 +2,8 @@
 
 Each agent is its own `torchrun --nnodes=2` (its own process group leader); they meet at a c10d
 rendezvous on a free loopback port. Two working copies stand for two nodes without a shared
-filesystem; one working copy for two nodes that share it.
+filesystem; one working copy for two nodes that share it. One test puts each agent in a network
+namespace of its own, joined by a veth pair: two hosts on a wire, as far as torch can tell.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -63,10 +65,11 @@ class Agent:
     """One node's torchrun agent, in a session of its own (the test can stop or kill it whole);
     threads drain its output so a long run never blocks on a full pipe."""
 
-    def __init__(self, root: Path, port: int, *args: str, launcher: list[str] | None = None):
+    def __init__(self, root: Path, port: int, *args: str, launcher: list[str] | None = None,
+                 host: str = "127.0.0.1", **env: str):
         cmd = [*(launcher or [tool("torchrun")]), "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
-               f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=multinode-test", "-m", "stages.train", *args]
-        self.proc = subprocess.Popen(cmd, cwd=root, env=env_for(root, NANOFORGE_TRACKING="off"),
+               f"--rdzv_endpoint={host}:{port}", "--rdzv_id=multinode-test", "-m", "stages.train", *args]
+        self.proc = subprocess.Popen(cmd, cwd=root, env=env_for(root, NANOFORGE_TRACKING="off", **env),
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      start_new_session=True)
         self.out: list[str] = []
@@ -115,6 +118,14 @@ def wait_for_step(agents: list[Agent], step: int, timeout: float = 120) -> None:
         time.sleep(0.1)
 
 
+def assert_same_weights(root: Path, single: Path) -> None:
+    got = load_file(str(root / "artifacts/model/model.safetensors"))
+    want = load_file(str(single / "artifacts/model/model.safetensors"))
+    assert got.keys() == want.keys()
+    for name in want:  # DDP's all-reduce vs accumulation: the same math, summed in another order
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def errors(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error")]
 
@@ -126,14 +137,64 @@ def test_two_nodes_over_c10d_match_one_process(single, template, tmp_path):
     for rc, err in results:
         assert rc == 0, err[-4000:]
     assert any("world 2 x device batch 4 x seq 32 x accum 1" in err for _, err in results)
-    got = load_file(str(root / "artifacts/model/model.safetensors"))
-    want = load_file(str(single / "artifacts/model/model.safetensors"))
-    assert got.keys() == want.keys()
-    for name in want:  # DDP's all-reduce vs accumulation: the same math, summed in another order
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_same_weights(root, single)
     steps = read_csv(root / "artifacts/train/steps.csv")
     assert [int(r["step"]) for r in steps] == list(range(1, STEPS + 1))
     assert not list((root / "artifacts/checkpoints").glob(".shared-check-*"))  # the token file is cleaned up
+
+
+@pytest.fixture
+def two_hosts(tmp_path):
+    """Two network namespaces joined by a veth pair (10.213.N.1 and .2), removed after the test
+    whatever happened; a skip with the reason where they cannot be made (not root, no `ip`)."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("network namespaces need root and iproute2's `ip`; "
+                    "test_two_nodes_over_c10d_match_one_process is the same run on loopback")
+    tag = f"{os.getpid() % 100000}{tmp_path.name[-2:]}".replace("_", "")  # unique per run and test
+    subnet = f"10.213.{os.getpid() % 250}"
+    hosts = [SimpleNamespace(ns=f"nf{tag}{side}", dev=f"nfv{tag}{side}", addr=f"{subnet}.{i + 1}")
+             for i, side in enumerate("ab")]
+    made = []
+    try:
+        for cmd in ([["netns", "add", h.ns] for h in hosts]
+                    + [["link", "add", hosts[0].dev, "type", "veth", "peer", "name", hosts[1].dev]]
+                    + [c for h in hosts for c in (["link", "set", h.dev, "netns", h.ns],
+                                                  ["-n", h.ns, "addr", "add", f"{h.addr}/24", "dev", h.dev],
+                                                  ["-n", h.ns, "link", "set", "lo", "up"],
+                                                  ["-n", h.ns, "link", "set", h.dev, "up"])]):
+            proc = subprocess.run(["ip", *cmd], capture_output=True, text=True, timeout=30)
+            if proc.returncode != 0:
+                pytest.skip(f"`ip {' '.join(cmd)}` failed ({proc.stderr.strip()}): no network namespaces here; "
+                            "test_two_nodes_over_c10d_match_one_process is the same run on loopback")
+            if cmd[:2] == ["netns", "add"]:
+                made.append(cmd[2])
+        yield hosts
+    finally:
+        for ns in made:  # deleting a namespace deletes its end of the veth, and so the pair
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+        subprocess.run(["ip", "link", "del", hosts[0].dev], capture_output=True, timeout=30)  # if never moved
+
+
+def test_two_hosts_joined_by_a_veth_pair_match_one_process(single, template, two_hosts, tmp_path):
+    # issue 17: nodes that reach each other over a network, not over one loopback. In a namespace
+    # the machine's hostname resolves to that namespace's own 127.0.0.1, so each agent says its
+    # address (--local_addr, what the rendezvous hands the others and the workers' MASTER_ADDR) and
+    # gloo its interface (GLOO_SOCKET_IFNAME). Nor does torch see that the endpoint's address is the
+    # head's own (it compares it with the hostname's), so is_host says which agent serves the c10d
+    # store. Both share the filesystem, like nodes on NFS.
+    root = clone(template, tmp_path / "w")
+    head = two_hosts[0].addr  # any port: nothing else listens in a fresh namespace
+    agents = [Agent(root, 29500, launcher=["ip", "netns", "exec", h.ns, sys.executable, "-m", "nanoforge.torchrun",
+                                           f"--local_addr={h.addr}", f"--rdzv_conf=is_host={int(h.addr == head)}"],
+                    host=head, GLOO_SOCKET_IFNAME=h.dev)
+              for h in two_hosts]
+    results = finish(agents)
+    for rc, err in results:
+        assert rc == 0, err[-4000:]
+    assert any("world 2 x device batch 4 x seq 32 x accum 1" in err for _, err in results)
+    assert_same_weights(root, single)
+    steps = read_csv(root / "artifacts/train/steps.csv")
+    assert [int(r["step"]) for r in steps] == list(range(1, STEPS + 1))
 
 
 def test_a_frozen_node_is_an_error_within_the_collective_timeout(template, tmp_path):

@@ -235,6 +235,7 @@ def test_markdown_task_table_for_dagster():
 
 
 @pytest.mark.slow
+@pytest.mark.cluster  # ~40 s of real dvc repro on a copy: make test-slurm, to keep make test under 10 minutes
 def test_changing_only_evaluate_params_does_not_retrain(tiny_pipeline, tmp_path):
     """DVC tracks exactly the params each stage reads: an evaluate knob re-runs evaluate and
     what follows it, never the tokenizer or training."""

@@ -324,6 +324,7 @@ def test_inputs_sensor_waits_while_a_run_is_in_progress(synth, tmp_path):
     assert request.tags["nanoforge/trigger"] == "data.dvc changed"
 
 
+@pytest.mark.cluster  # ~15 s of real dvc repro: make test-slurm, to keep make test under 10 minutes
 def test_resume_tag_fresh_starts_the_stateful_stage_over(synth, tmp_path):
     root = tmp_path / "p"
     shutil.copytree(synth.twin, root, symlinks=True)  # fit ran once: its persisted state says 1 run
@@ -697,6 +698,7 @@ def test_a_bare_dvc_repro_groups_its_stages_under_one_parent_run(synth, tmp_path
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
 
 
+@pytest.mark.cluster  # ~11 s, two real dvc processes racing: make test-slurm, to keep make test under 10 minutes
 def test_a_dvc_lock_conflict_waits_and_retries_instead_of_failing(synth, tmp_path, monkeypatch):
     import fcntl
 

@@ -215,9 +215,17 @@ class TrainConfig(Section):
         Literal["auto", "on", "off"], BeforeValidator(lambda v: ("on" if v else "off") if isinstance(v, bool) else v)
     ] = Field("auto", description="torch.compile: auto (on for CUDA) | on | off (on CPU it needs a C++ compiler)")
     nproc_per_node: int = Field(1, ge=1, description="processes per node under torchrun (dvc.yaml's command)")
+    shard_optimizer: bool = Field(True, description="with more than one rank: ZeRO-1, each rank keeps and "
+                                  "steps the optimizer state of 1/world of the parameters, then broadcasts them "
+                                  "(the same weights bit for bit; false: every rank steps everything)")
     collective_timeout_s: float = Field(600.0, gt=0, description="a collective (all-reduce, barrier) that waits "
                                         "longer fails the run: a frozen or lost node becomes an error, not a hang")
     seed: int = Field(42, description="model init and the data order of later epochs")
+    loader: Literal["stream", "bestfit"] = Field("stream", description="how documents become rows: stream = one "
+                                                 "token stream cut into rows (2025) | bestfit = nanochat HEAD's "
+                                                 "BOS-aligned best-fit packing, every row starts at a document "
+                                                 "(~1/3 of the tokens cropped at T=2048)")
+    loader_buffer_docs: int = Field(1000, ge=1, description="bestfit: the documents it chooses from (nanochat: 1000)")
     eval_every: int = Field(50, ge=0, description="val BPB every N steps and at the end (0: off)")
     eval_tokens: BigInt = Field(32_768, ge=1, description="val BPB budget during training, from the start of "
                                                           "the val shard")

@@ -137,3 +137,80 @@ def test_tokenizer_threads_default_to_one_on_cpu_and_never_exceed_the_usable_cpu
     assert loader.stream.threads == 1  # was 4: a pool beside the compute threads only preempted them
     loader.close()
     assert TokenStream(paths, tok, T, threads=64).threads == usable_cpus()  # a cgroup quota included
+
+
+# ---------------------------------------------------------------------------
+# train.loader: bestfit (nanochat HEAD's BOS-aligned best-fit packing)
+
+def nanochat_bestfit_rows(docs, T: int, buffer_docs: int, rows: int) -> list[list[int]]:
+    """nanochat HEAD's packing loop (dataloader.py, tokenizing_distributed_data_loader_with_state_bos_bestfit),
+    as written there (a linear scan), with the buffer topped up one document at a time."""
+    docs = iter(docs)
+    buffer, out = [], []
+    for _ in range(rows):
+        row, pos = [], 0
+        while pos < T + 1:
+            while len(buffer) < buffer_docs:
+                buffer.append(next(docs))
+            remaining = T + 1 - pos
+            best_idx, best_len = -1, 0
+            for i, doc in enumerate(buffer):
+                if len(doc) <= remaining and len(doc) > best_len:
+                    best_idx, best_len = i, len(doc)
+            if best_idx >= 0:
+                doc = buffer.pop(best_idx)
+                row += doc
+                pos += len(doc)
+            else:
+                shortest = min(range(len(buffer)), key=lambda i: len(buffer[i]))
+                row += buffer.pop(shortest)[:remaining]
+                pos += remaining
+        out.append(row)
+    return out
+
+
+def test_bestfit_packs_as_nanochat_does(data):
+    from nanoforge.training.loader import BestFitStream
+
+    paths, tok = data
+    docs = [tok.encode(text, prepend=tok.bos_id) for text in iter_documents(paths)]
+    stream = BestFitStream(paths, tok, T, buffer_docs=8)
+    rows = []
+    for _ in range(40):
+        row = np.empty(T + 1, dtype=np.int32)
+        stream.next_row(row)
+        rows.append(row.tolist())
+    assert rows == nanochat_bestfit_rows(docs, T, 8, 40)
+    assert all(r[0] == tok.bos_id for r in rows)  # every row starts at a document
+    assert stream.state()["epoch"] == 0 and 0 < len(stream.state()["buffer"]) <= 8  # topped up before each choice
+
+
+def test_bestfit_batches_do_not_depend_on_world_size_and_resume_exactly(data):
+    paths, tok = data
+    total = 8 * T
+    kw = dict(kind="bestfit", buffer_docs=16)
+    one = [steps(TrainLoader(paths, tok, T, 4, total, **kw), 25)]  # 1 process, 2 micro-steps; several epochs
+    two = [steps(TrainLoader(paths, tok, T, 2, total, rank=r, world_size=2, **kw), 25) for r in range(2)]  # 2 x 2
+    for a, b in zip(global_rows(one), global_rows(two)):
+        assert torch.equal(a, b)
+        assert (a[:, 0] == tok.bos_id).all()
+    assert [s for _, s in one[0]] == [s for _, s in two[1]]
+    assert {s["epoch"] for _, s in one[0]} >= {0, 1}  # the buffer spans an epoch boundary somewhere
+    state_at = one[0][17][1]
+    resumed = steps(TrainLoader(paths, tok, T, 2, total, state=state_at, rank=1, world_size=2, **kw), 8)
+    for a, b in zip(global_rows(one)[17:], global_rows([two[0][17:], resumed])):
+        assert torch.equal(a, b)
+
+
+def test_a_position_of_the_other_loader_is_refused(data):
+    from nanoforge.training.loader import BestFitStream, start_state
+
+    paths, tok = data
+    with pytest.raises(ValueError, match=r"not a best-fit one \(train.loader: bestfit\)"):
+        BestFitStream(paths, tok, T, state=start_state())
+    with pytest.raises(ValueError, match="is a best-fit one .* but train.loader is stream"):
+        TokenStream(paths, tok, T, state=start_state("bestfit"))
+    with pytest.raises(ValueError, match=r"buffer entry \[0, 0, 999\]: that row group has 16 documents"):
+        BestFitStream(paths, tok, T, state={**start_state("bestfit"), "buffer": [[0, 0, 999]]})
+    with pytest.raises(ValueError, match="train.loader='packed': expected one of stream, bestfit"):
+        TrainLoader(paths, tok, T, 2, 4 * T, kind="packed")

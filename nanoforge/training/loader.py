@@ -20,10 +20,17 @@ Notable:
 - The position (epoch, row group, document, token offset) at the start of each
   step travels with its batches; a checkpoint stores it and resume re-reads just
   that one row group.
+- `train.loader: bestfit` is nanochat's 2026 BOS-aligned best-fit packing
+  (BestFitStream): every row starts at a document's BOS, whole documents are
+  packed largest-that-fits first from a buffer, and when none fits the shortest is
+  cropped to fill the row (no padding; the cropped rest is dropped). The same global
+  stream, so world-size invariance holds; its position adds the buffer's documents
+  (references, re-read and re-tokenized on resume), so resume stays exact.
 """
 
 from __future__ import annotations
 
+import bisect
 import queue
 import random
 import threading
@@ -39,10 +46,12 @@ from nanoforge.config import TrainConfig
 from nanoforge.cpus import loader_threads, usable_cpus
 
 TOKENIZE_CHUNK = 128  # documents per tokenizer call
+LOADERS = ("stream", "bestfit")
 
 
-def start_state() -> dict:
-    return {"epoch": 0, "index": 0, "doc": 0, "offset": 0}
+def start_state(kind: str = "stream") -> dict:
+    state = {"epoch": 0, "index": 0, "doc": 0, "offset": 0}
+    return {**state, "buffer": []} if kind == "bestfit" else state
 
 
 class TokenStream:
@@ -60,6 +69,8 @@ class TokenStream:
         if not self.groups:
             raise ValueError(f"the training shards hold no row groups: {', '.join(map(str, self.paths))}")
         state = dict(state or start_state())
+        if "buffer" in state and type(self) is TokenStream:  # the config check names the key first; this is the net
+            raise ValueError("the loader position is a best-fit one (train.loader: bestfit) but train.loader is stream")
         for key in ("epoch", "index", "doc", "offset"):
             if not isinstance(state.get(key), int) or state[key] < 0:
                 raise ValueError(f"bad loader position {state!r}: '{key}' must be a non-negative int")
@@ -86,12 +97,16 @@ class TokenStream:
             random.Random(f"nanoforge/{self.seed}/{epoch}").shuffle(order)
         return order
 
-    def _load_group(self) -> None:
-        shard, group = self.groups[self._order[self._index]]
+    def _group_texts(self, order: list[int], index: int) -> list[str]:
+        """The non-empty documents of row group `index` in an epoch's order: what a doc number counts."""
+        shard, group = self.groups[order[index]]
         if self._file is None or self._file[0] != shard:
             self._file = (shard, pq.ParquetFile(self.paths[shard]))
         column = self._file[1].read_row_group(group, columns=["text"]).column("text").to_pylist()
-        self._texts = [t for t in column if t]
+        return [t for t in column if t]
+
+    def _load_group(self) -> None:
+        self._texts = self._group_texts(self._order, self._index)
         if self._texts:
             self._empty_epochs = 0
 
@@ -158,6 +173,108 @@ class TokenStream:
         self._buffered -= T
 
 
+class BestFitStream(TokenStream):
+    """nanochat's BOS-aligned best-fit rows (dataloader.py at HEAD) over the same global document stream.
+
+    For each row of T+1 tokens: take the largest buffered document that fits whole (the
+    earliest of equals), again until none fits, then crop the shortest (the earliest of
+    equals) to fill the row exactly. The buffer holds exactly `buffer_docs` documents at
+    each choice (nanochat's fluctuates by its 128-document refills), so the rows depend
+    only on the data, T and the seed. Lengths stay sorted (bisect), not scanned per choice.
+    """
+
+    def __init__(self, paths: Sequence[Path], tokenizer, seq_len: int, seed: int = 0,
+                 state: dict | None = None, threads: int | None = None, buffer_docs: int = 1000):
+        state = dict(state or start_state("bestfit"))
+        refs = state.pop("buffer", None)
+        if not isinstance(refs, list) or not all(
+                isinstance(r, list) and len(r) == 3 and all(isinstance(v, int) and v >= 0 for v in r) for r in refs):
+            raise ValueError("the loader position is not a best-fit one (train.loader: bestfit): it has no buffer of "
+                             "[epoch, index, doc] references; was it written with train.loader: stream?")
+        if state.get("offset") != 0:
+            raise ValueError(f"bad best-fit loader position {state!r}: 'offset' must be 0 (rows start at a BOS)")
+        super().__init__(paths, tokenizer, seq_len, seed, state, threads)
+        self.buffer_docs = buffer_docs
+        self._pending: deque = deque()  # read ahead, not yet in the buffer: (ref, tokens)
+        self._keys: list[tuple[int, int]] = []  # (length, arrival), sorted; _entries aligned with it
+        self._entries: list[tuple[list, np.ndarray]] = []
+        self._arrival = 0
+        for ref, tokens in self._restore(refs):
+            self._add(ref, tokens)
+
+    def _restore(self, refs: list[list]) -> list:
+        """Re-read and re-tokenize the buffered documents of a saved position, in their order."""
+        texts = {}
+        for epoch, index, doc in refs:
+            if (epoch, index) not in texts:
+                if index >= len(self.groups):
+                    raise ValueError(f"best-fit loader buffer entry {[epoch, index, doc]} points past the "
+                                     f"{len(self.groups)} row groups: the data changed since the checkpoint")
+                texts[epoch, index] = self._group_texts(self._epoch_order(epoch), index)
+        wanted = []
+        for epoch, index, doc in refs:
+            group = texts[epoch, index]
+            if doc >= len(group):
+                raise ValueError(f"best-fit loader buffer entry {[epoch, index, doc]}: that row group has "
+                                 f"{len(group)} documents: the data changed since the checkpoint")
+            wanted.append(group[doc])
+        encoded = self.tokenizer.encode(wanted, prepend=self.tokenizer.bos_id, num_threads=self.threads) if wanted else []
+        return [(list(ref), np.asarray(ids, dtype=np.int32)) for ref, ids in zip(refs, encoded)]
+
+    def _add(self, ref: list, tokens: np.ndarray) -> None:
+        key = (len(tokens), self._arrival)
+        self._arrival += 1
+        at = bisect.bisect_left(self._keys, key)
+        self._keys.insert(at, key)
+        self._entries.insert(at, (ref, tokens))
+
+    def _take(self, at: int) -> np.ndarray:
+        del self._keys[at]
+        return self._entries.pop(at)[1]
+
+    def _read_ahead(self) -> None:
+        while self._next_doc >= len(self._texts):
+            self._advance_group()
+        first = self._next_doc
+        chunk = self._texts[first:first + TOKENIZE_CHUNK]
+        encoded = self.tokenizer.encode(chunk, prepend=self.tokenizer.bos_id, num_threads=self.threads)
+        for i, ids in enumerate(encoded):
+            self._pending.append(([self._epoch, self._index, first + i], np.asarray(ids, dtype=np.int32)))
+        self._next_doc = first + len(chunk)
+
+    def _top_up(self) -> None:
+        while len(self._keys) < self.buffer_docs:
+            if not self._pending:
+                self._read_ahead()
+            self._add(*self._pending.popleft())
+
+    def state(self) -> dict:
+        """The next document not in the buffer, and the buffer's documents in arrival order."""
+        if self._pending:
+            epoch, index, doc = self._pending[0][0]
+        else:
+            epoch, index, doc = self._epoch, self._index, self._next_doc
+        order = sorted(range(len(self._keys)), key=lambda i: self._keys[i][1])
+        return {"epoch": epoch, "index": index, "doc": doc, "offset": 0,
+                "buffer": [list(self._entries[i][0]) for i in order]}
+
+    def next_row(self, out: np.ndarray | None) -> None:
+        """Pack the next row of T+1 tokens into `out` (or only make the same choices when None)."""
+        capacity = self.seq_len + 1
+        pos = 0
+        while pos < capacity:
+            self._top_up()
+            remaining = capacity - pos
+            fits = bisect.bisect_right(self._keys, (remaining, self._arrival))
+            if fits:  # the largest length that fits, its earliest document
+                tokens = self._take(bisect.bisect_left(self._keys, (self._keys[fits - 1][0], -1)))
+            else:  # nothing fits: crop the shortest
+                tokens = self._take(0)[:remaining]
+            if out is not None:
+                out[pos:pos + len(tokens)] = tokens
+            pos += len(tokens)
+
+
 def batch_geometry(total_batch: int, device_batch: int, seq_len: int, world_size: int) -> int:
     """Gradient accumulation steps; a ValueError naming the numbers and the nearest valid ones otherwise."""
     return TrainConfig.batch_geometry(total_batch, device_batch, seq_len, world_size)
@@ -172,7 +289,8 @@ class TrainLoader:
 
     def __init__(self, paths: Sequence[Path], tokenizer, seq_len: int, device_batch: int, total_batch: int,
                  rank: int = 0, world_size: int = 1, seed: int = 0, state: dict | None = None,
-                 device: torch.device | str = "cpu", threads: int | None = None, prefetch: int = 2):
+                 device: torch.device | str = "cpu", threads: int | None = None, prefetch: int = 2,
+                 kind: str = "stream", buffer_docs: int = 1000):
         self.seq_len, self.device_batch = seq_len, device_batch
         self.accum = batch_geometry(total_batch, device_batch, seq_len, world_size)
         self.rows_per_step = total_batch // seq_len
@@ -180,7 +298,13 @@ class TrainLoader:
         self.device = torch.device(device)
         if threads is None:
             threads = loader_threads(self.device.type)
-        self.stream = TokenStream(paths, tokenizer, seq_len, seed=seed, state=state, threads=threads)
+        if kind == "bestfit":
+            self.stream = BestFitStream(paths, tokenizer, seq_len, seed=seed, state=state, threads=threads,
+                                        buffer_docs=buffer_docs)
+        elif kind == "stream":
+            self.stream = TokenStream(paths, tokenizer, seq_len, seed=seed, state=state, threads=threads)
+        else:
+            raise ValueError(f"train.loader={kind!r}: expected one of {', '.join(LOADERS)}")
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, prefetch) * self.accum)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, name="train-loader", daemon=True)

@@ -12,6 +12,8 @@ Notable:
 - "fits" means the peak (state + the larger of a training micro-step and a val BPB pass)
   leaves at least `--headroom` (10%) of the GPU free: the allocator's fragmentation, the
   CUDA context and NCCL buffers live there.
+- The optimizer row is per rank: its 1/world share of the state (train.shard_optimizer, ZeRO-1),
+  Muon's Newton-Schulz transient for its share of a stack, or the step's broadcast buffers.
 - The eval transient is the in-training val BPB and the evaluate stage's BPB pass: the
   hidden states plus one chunk of the head (model/gpt.py, LOSS_CHUNK_BYTES).
 - `--save-time` writes a checkpoint of the preset's size with the train stage's own
@@ -58,6 +60,8 @@ def budget(name: str, gpu_gib: float, headroom: float) -> dict:
     limit = int(gpu_gib * GIB * (1 - headroom))
     compiled = uses_compile(cfg, "cuda")
     need = estimate_memory(cfg, model_config, num_params, compiled=compiled, cuda=True)
+    unsharded = estimate_memory(cfg.model_copy(update={"shard_optimizer": False}), model_config, num_params,
+                                compiled=compiled, cuda=True)
     eager = estimate_memory(cfg, model_config, num_params, compiled=False, cuda=True)
     eval_cfg = cfg.model_copy(update={"device_batch_size": evaluate.device_batch_size})
     eval_stage = estimate_memory(eval_cfg, model_config, num_params, compiled=compiled, cuda=True)
@@ -68,6 +72,9 @@ def budget(name: str, gpu_gib: float, headroom: float) -> dict:
         "device_batch_size": cfg.device_batch_size, "vocab": vocab, "ranks": cfg.nproc_per_node,
         "gpu_gib": gpu_gib, "headroom": headroom, "compiled": compiled,
         **{k: need[k] for k in ("weights", "gradients", "optimizer", "activations", "eval_transient", "total")},
+        # ZeRO-1 (training/shard.py): the state a rank keeps, its shards, and what every rank kept before
+        "optimizer_state": need["optimizer_state"], "optimizer_shards": need["optimizer_shards"],
+        "optimizer_state_unsharded": unsharded["optimizer_state"], "optimizer_unsharded": unsharded["optimizer"],
         # the evaluate stage holds only the weights beside its BPB pass (chunked) or its CORE
         # batch, whose full logits exist once in bf16 and once in fp32 (softcap in place)
         "evaluate_stage_total": eval_stage["weights"] + max(eval_stage["eval_transient"], core_logits),
@@ -92,6 +99,8 @@ def show(row: dict) -> str:
         f"{row['gpu_gib']:g} GiB GPU, {'compiled' if row['compiled'] else 'eager'} (GiB per rank)",
         f"  weights {g(row['weights'])} | gradients {g(row['gradients'])} | optimizer {g(row['optimizer'])} | "
         f"activations/micro-batch {g(row['activations'])} | eval transient {g(row['eval_transient'])}",
+        f"  optimizer state {g(row['optimizer_state'])} = 1/{row['optimizer_shards']} of {g(row['optimizer_state_unsharded'])}"
+        f" (sharded across the ranks; unsharded the optimizer row would be {g(row['optimizer_unsharded'])})",
         f"  peak {g(row['total'])}: {verdict}",
         f"  eager (compile off or failing): peak {g(row['eager_total'])}: {eager}",
         f"  evaluate stage: {g(row['evaluate_stage_total'])}",

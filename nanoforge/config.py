@@ -218,6 +218,9 @@ class TrainConfig(Section):
     shard_optimizer: bool = Field(True, description="with more than one rank: ZeRO-1, each rank keeps and "
                                   "steps the optimizer state of 1/world of the parameters, then broadcasts them "
                                   "(the same weights bit for bit; false: every rank steps everything)")
+    shard_optimizer: bool = Field(True, description="with more than one rank: ZeRO-1, each rank keeps and "
+                                  "steps the optimizer state of 1/world of the parameters, then broadcasts them "
+                                  "(the same weights bit for bit; false: every rank steps everything)")
     collective_timeout_s: float = Field(600.0, gt=0, description="a collective (all-reduce, barrier) that waits "
                                         "longer fails the run: a frozen or lost node becomes an error, not a hang")
     seed: int = Field(42, description="model init and the data order of later epochs")

@@ -78,7 +78,9 @@ def test_ddp_broadcasts_no_buffers_and_equal_replicas_pass(one_rank_group, tmp_p
 def test_a_rank_that_drifts_stops_the_run_before_its_checkpoint(template, tmp_path):
     # issue 12: replicas stayed equal only by bitwise determinism, and only rank 0's copy was saved
     root = clone(template, tmp_path / "w")
-    write_params(root, num_iterations=6, save_every=3, eval_every=0, sample_every=0)
+    # unsharded: the sharded step (shard.py) broadcasts each parameter from its owner every step, which
+    # would carry the injected drift to every rank (or undo it) before the check could see it
+    write_params(root, num_iterations=6, save_every=3, eval_every=0, sample_every=0, shard_optimizer=False)
     launcher = [sys.executable, "-m", "nanoforge.torchrun", "--standalone", "--nproc_per_node=2", "-m", "stages.train"]
     proc = subprocess.run(launcher, cwd=root, env=env_for(root, NANOFORGE_TRACKING="off", NANOFORGE_TEST_PERTURB_RANK="1"),
                           capture_output=True, text=True, timeout=300)

@@ -154,7 +154,11 @@ def _damaged(exc: BaseException, kind: str = "a safetensors file") -> str:
 
 
 def save_checkpoint(root: str | Path, step: int, model, optimizers, meta: dict, history: dict, keep: int) -> Path:
-    """Write checkpoint `step` atomically (rank 0 only), then keep the newest `keep`."""
+    """Write checkpoint `step` atomically (rank 0 only), then keep the newest `keep`.
+
+    `optimizers`: the optimizers, or their state dicts (ShardedOptimizers.state_dicts() gathers
+    them to rank 0 in one process's format).
+    """
     root = Path(root)
     target = step_dir(root, step)
     with _writing(target, "checkpoint", "the previous checkpoint is intact; lower train.keep_checkpoints or free space, "
@@ -163,7 +167,8 @@ def save_checkpoint(root: str | Path, step: int, model, optimizers, meta: dict, 
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
-        torch.save({"optimizers": [opt.state_dict() for opt in optimizers], "rng": rng}, tmp / STATE)
+        states = [opt if isinstance(opt, dict) else opt.state_dict() for opt in optimizers]
+        torch.save({"optimizers": states, "rng": rng}, tmp / STATE)
         (tmp / HISTORY).write_text(json.dumps(history))
         (tmp / META).write_text(json.dumps({**meta, "step": step, "saved_at": time.time()}, indent=2) + "\n")
     for old in list_checkpoints(root)[:-keep]:
@@ -193,8 +198,11 @@ def load_checkpoint(path: str | Path, model, optimizers=None, device: torch.devi
         state = read_state(path / STATE)
         if len(state["optimizers"]) != len(optimizers):
             raise CheckpointError(f"{path}: holds {len(state['optimizers'])} optimizer states, expected {len(optimizers)}")
-        for opt, sd in zip(optimizers, state["optimizers"]):
-            opt.load_state_dict(sd)
+        if hasattr(optimizers, "load_state_dicts"):  # sharded (shard.py): each rank keeps its own pieces
+            optimizers.load_state_dicts(state["optimizers"])
+        else:
+            for opt, sd in zip(optimizers, state["optimizers"]):
+                opt.load_state_dict(sd)
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["rng"]["cuda"])

@@ -12,6 +12,8 @@ Notable:
   raises NonFiniteLoss at once and keeps the last good checkpoint.
 - Before every checkpoint the ranks compare their weights (agree.check_replicas): replicas
   that drifted apart raise ReplicasDiverged on every rank, and that checkpoint is not written.
+- Under DDP the optimizer state is sharded (shard.py, ZeRO-1; train.shard_optimizer): each rank
+  steps 1/world of the parameters and broadcasts them; checkpoints keep one process's format.
 """
 
 from __future__ import annotations
@@ -141,8 +143,11 @@ def train_step(model, train_model, ddp, optimizers, loader, x, y, accum: int, gr
         model.zero_grad(set_to_none=True)
         raise NonFiniteGradient(f"gradient norm is {float(grad_norm)}", loss_sum)
     apply_schedules(optimizers, lrm, momentum)
-    for opt in optimizers:
-        opt.step()
+    if hasattr(optimizers, "step"):  # ZeRO-1 (shard.py): each rank steps its own share, then the owners broadcast
+        optimizers.step()
+    else:
+        for opt in optimizers:
+            opt.step()
     model.zero_grad(set_to_none=True)
     return loss_sum, grad_norm, (x, y, state)
 
@@ -173,6 +178,7 @@ def train(plan: Plan, runtime, run, stop: StopFlag) -> TrainResult:
     from nanoforge.training.loader import TrainLoader
     from nanoforge.training.optim import build_optimizers, lr_multiplier, muon_momentum
     from nanoforge.runtime import peak_flops, probe_details
+    from nanoforge.training.shard import ShardedOptimizers
     from nanoforge.model.sampling import generate
 
     cfg, device, main = plan.cfg, runtime.device, runtime.is_main
@@ -180,6 +186,8 @@ def train(plan: Plan, runtime, run, stop: StopFlag) -> TrainResult:
     torch.manual_seed(cfg.seed)
     model = build_model(plan.model_config, device)
     optimizers = build_optimizers(model, cfg.matrix_lr, cfg.embedding_lr, cfg.unembedding_lr, cfg.weight_decay)
+    if runtime.distributed and cfg.shard_optimizer:  # before the resume: each rank loads only its own pieces
+        optimizers = ShardedOptimizers(optimizers)
 
     # --- where do we start
     step, loader_state, ema, elapsed_before, history = 0, None, 0.0, 0.0, {"steps": [], "val": [], "samples": []}
@@ -230,13 +238,15 @@ def train(plan: Plan, runtime, run, stop: StopFlag) -> TrainResult:
 
     def save(at_step: int, state: dict) -> None:
         check_replicas(model, runtime, at_step, checkpoint_dir)  # every rank: equal weights, or no checkpoint
+        # sharded: every rank sends its pieces, rank 0 gets one process's state dicts (None elsewhere)
+        states = optimizers.state_dicts() if isinstance(optimizers, ShardedOptimizers) else optimizers
         if main:
             meta = {"compat": plan.compat, "config": cfg.model_dump(mode="json"), "model": plan.model_config.to_dict(),
                     "loader": state, "loss_ema_raw": ema, "elapsed": elapsed(), "tokens": at_step * tokens_per_step,
                     "world_size": plan.world_size, "dtype": str(runtime.dtype).replace("torch.", ""),
                     "mlflow_run_id": run.run_id, "num_iterations": n,
                     "init_from": str(plan.init_from) if plan.init_from else None}
-            path = save_checkpoint(checkpoint_dir, at_step, model, optimizers, meta, history, cfg.keep_checkpoints)
+            path = save_checkpoint(checkpoint_dir, at_step, model, states, meta, history, cfg.keep_checkpoints)
             log.info("checkpoint saved: %s", path)
         runtime.barrier()  # nobody leaves (or dies) while rank 0 is still writing
 

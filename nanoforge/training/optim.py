@@ -52,7 +52,8 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5):
         params = list(params)
-        for p in params:
+        # a list of tensors, or of param groups (dicts; shard.py builds a rank's share that way)
+        for p in (q for item in params for q in (item["params"] if isinstance(item, dict) else [item])):
             if p.ndim != 2:
                 raise ValueError(f"Muon takes matrices only; got a parameter of shape {tuple(p.shape)}")
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))

@@ -219,7 +219,9 @@ def estimate_memory(cfg: TrainConfig, model_config, num_params: int, compiled: b
     - weights and gradients fp32 (4 + 4 bytes a parameter; DDP's buckets are the gradients);
     - optimizer state: Muon's momentum (4 bytes a block matrix entry), AdamW's two moments for
       the embedding and LM head (8), and Muon's step transient (its largest same-shape stack:
-      an fp32 update and bf16 Newton-Schulz copies, ~12 bytes an entry);
+      an fp32 update and bf16 Newton-Schulz copies, ~12 bytes an entry). Sharded (train.shard_optimizer,
+      more than one rank: shard.py) a rank holds 1/world of the state and of each stack, and the step's
+      broadcast needs its own share of the weights flat plus one owner's received (4 + 4 bytes / world);
     - activations of one micro-batch (BLOCK_BYTES_PER_WIDTH, HEAD_BYTES_PER_VOCAB);
     - the eval transient: the hidden states plus one chunk of the head.
     `cuda` and `compiled` None: decided from cfg.device and cfg.compile as the loop decides them.
@@ -238,16 +240,21 @@ def estimate_memory(cfg: TrainConfig, model_config, num_params: int, compiled: b
     chunk = min(tokens, max(1, LOSS_CHUNK_BYTES // (4 * vocab)))
     block = BLOCK_BYTES_PER_WIDTH[mode] * (1.5 if cfg.dtype == "float32" else 1) * n_layer * width * tokens
     head = HEAD_BYTES_PER_VOCAB["eager"] * vocab * chunk if cuda else HEAD_BYTES_PER_VOCAB[mode] * vocab * tokens
+    # world = processes on this node, a lower bound of the ranks: the estimate errs on the side of more memory
+    shards = cfg.nproc_per_node if cfg.nproc_per_node > 1 and cfg.shard_optimizer else 1
+    stack_transient = 12 * largest_stack * -(-2 * n_layer // shards) // (2 * n_layer)
+    broadcast_transient = 8 * num_params // shards if shards > 1 else 0
     parts = {
         "weights": 4 * num_params,
         "gradients": 4 * num_params,
-        "optimizer": 4 * matrices + 8 * (embedding + lm_head) + 12 * largest_stack,
+        "optimizer": (4 * matrices + 8 * (embedding + lm_head)) // shards + max(stack_transient, broadcast_transient),
         "activations": int(block + head),
         "eval_transient": tokens * (4 + EVAL_BYTES_PER_WIDTH) * width + EVAL_HEAD_BYTES_PER_VOCAB * vocab * chunk,
     }
     state = parts["weights"] + parts["gradients"] + parts["optimizer"]
     return {**parts, "weights_grads_optimizer": state, "compiled": compiled, "cuda": cuda, "device_batch_size": batch,
-            "total": state + max(parts["activations"], parts["eval_transient"])}
+            "total": state + max(parts["activations"], parts["eval_transient"]),
+            "optimizer_state": (4 * matrices + 8 * (embedding + lm_head)) // shards, "optimizer_shards": shards}
 
 
 def _cuda_planned(device_name: str) -> bool:

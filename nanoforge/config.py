@@ -177,6 +177,25 @@ class TokenizerConfig(Section):
                                                             "(1e7 for real runs)")
 
 
+# train.recipe: the defaults of the options below it (each option's null = its recipe's value).
+# 2025 = nanochat's FineWeb-era recipe (10231df), 2026 = nanochat HEAD's (92d63d4).
+RECIPES: dict[str, dict[str, Any]] = {
+    "2025": dict(value_embeds=False, window_pattern="L", lambdas=False, smear=False, backout=False, softcap=15.0,
+                 init_scheme="2025", rope_base=10_000.0, qk_scale=1.0, muon_orthogonalize="newton_schulz",
+                 normuon=False, muon_weight_decay=0.0, cautious_weight_decay=False, weight_decay_schedule="constant",
+                 momentum_schedule="2025", adamw_groups="2025", scalar_lr=0.5),
+    "2026": dict(value_embeds=True, window_pattern="SSSL", lambdas=True, smear=True, backout=True, softcap=15.0,
+                 init_scheme="2026", rope_base=100_000.0, qk_scale=1.2, muon_orthogonalize="polar_express",
+                 normuon=True, muon_weight_decay=0.28, cautious_weight_decay=True, weight_decay_schedule="cosine",
+                 momentum_schedule="2026", adamw_groups="2026", scalar_lr=0.5),
+}
+RECIPE_KEYS = tuple(RECIPES["2025"])
+# the recipe options that are the model's (GPTConfig field names)
+MODEL_OPTIONS = {"value_embeds": "value_embeds", "window_pattern": "window_pattern", "lambdas": "lambdas",
+                 "smear": "smear", "backout": "backout", "softcap": "softcap", "init_scheme": "init",
+                 "rope_base": "rope_base", "qk_scale": "qk_scale"}
+
+
 class TrainConfig(Section):
     depth: int = Field(4, ge=1, le=MAX_DEPTH, description="the one dial: width 64*depth, heads ceil(width/128) "
                                                     "(head_dim 128), layers = depth")
@@ -236,6 +255,58 @@ class TrainConfig(Section):
                                                      "(0: off)")
     save_every: int = Field(50, ge=0, description="checkpoint every N steps (0: only at the end and on SIGTERM)")
     keep_checkpoints: int = Field(2, ge=1, description="keep the last K checkpoints")
+    # the recipe: one switch, and each of its options (null = the recipe's value; set one to override it)
+    recipe: Literal["2025", "2026"] = Field("2025", description="2025 = nanochat's FineWeb-era recipe (10231df); "
+                                            "2026 = nanochat HEAD's (92d63d4): sets the defaults of the options "
+                                            "below (the LR and schedule keys above are not changed by it)")
+    value_embeds: bool | None = Field(None, description="value embeddings on alternating layers, gated into v "
+                                                        "(2025: false, 2026: true)")
+    window_pattern: str | None = Field(None, description="sliding-window attention per layer, tiled: L = full "
+                                       "context, S = a quarter of it (ceil to 128); last layer L (2025: L, 2026: SSSL)")
+    lambdas: bool | None = Field(None, description="learned per-layer resid_lambdas and x0_lambdas "
+                                                   "(2025: false, 2026: true)")
+    smear: bool | None = Field(None, description="mix the previous token's embedding in, gated (2025: false, 2026: true)")
+    backout: bool | None = Field(None, description="subtract a learned share of the mid-depth residual before the "
+                                                   "head (2025: false, 2026: true)")
+    softcap: float | None = Field(None, gt=0, description="logit softcap c: c*tanh(logits/c) (both recipes: 15)")
+    init_scheme: Literal["2025", "2026"] | None = Field(None, description="weight init: 2025 normal by fan-in; 2026 "
+                                                        "HEAD's uniform, embedding std 0.8, LM head std 0.001")
+    rope_base: float | None = Field(None, gt=0, description="rotary base theta (2025: 10000, 2026: 100000)")
+    qk_scale: float | None = Field(None, gt=0, description="q and k times this after QK norm (2025: 1, 2026: 1.2)")
+    muon_orthogonalize: Literal["newton_schulz", "polar_express"] | None = Field(
+        None, description="Muon's orthogonalisation: newton_schulz (quintic, 2025) | polar_express (HEAD: row "
+                          "equilibration, Polar Express coefficients, Frobenius renormalisation; 2026)")
+    normuon: bool | None = Field(None, description="NorMuon variance reduction after orthogonalisation, beta2 0.9 "
+                                                   "(2025: false, 2026: true)")
+    muon_weight_decay: float | None = Field(None, ge=0, description="Muon weight decay at step 0, as given (HEAD's "
+                                            "--weight-decay, which HEAD also rescales by batch and horizon; "
+                                            "2025: 0, 2026: 0.28)")
+    cautious_weight_decay: bool | None = Field(None, description="decay only where update and weight agree in sign "
+                                                                 "(2025: false, 2026: true)")
+    weight_decay_schedule: Literal["constant", "cosine"] | None = Field(
+        None, description="Muon weight decay over the run: constant | cosine to 0 at the end (2025: constant, "
+                          "2026: cosine)")
+    momentum_schedule: Literal["2025", "2026"] | None = Field(
+        None, description="Muon momentum: 2025 0.85 -> 0.95 over 300 steps; 2026 0.85 -> 0.97 over 400, then "
+                          "-> 0.90 over the LR warmdown")
+    adamw_groups: Literal["2025", "2026"] | None = Field(
+        None, description="AdamW betas/weight decay: 2025 (0.8, 0.95) and train.weight_decay for all; 2026 HEAD's "
+                          "per group (LM head (0.8, 0.96) wd 0.01, embedding (0.8, 0.995) wd 0.001)")
+    scalar_lr: float | None = Field(None, gt=0, description="AdamW for x0_lambdas (resid_lambdas: 0.01x) when "
+                                                            "lambdas are on (both recipes: 0.5)")
+
+    def option(self, name: str) -> Any:
+        """A recipe option's value: as given, else its recipe's."""
+        value = getattr(self, name)
+        return RECIPES[self.recipe][name] if value is None else value
+
+    def recipe_options(self) -> dict[str, Any]:
+        return {name: self.option(name) for name in RECIPE_KEYS}
+
+    def model_options(self) -> dict[str, Any]:
+        """The recipe options that shape the model, as GPTConfig fields."""
+        return {field: self.option(name) for name, field in MODEL_OPTIONS.items()}
+
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -244,6 +315,9 @@ class TrainConfig(Section):
                 f"train.warmup_ratio ({self.warmup_ratio}) + train.warmdown_ratio ({self.warmdown_ratio}) "
                 "exceed 1: the schedule would have no room"
             )
+        if self.window_pattern is not None and (not self.window_pattern or set(self.window_pattern.upper()) - set("SL")):
+            raise ValueError(f"train.window_pattern={self.window_pattern!r}: use only S (short) and L (long), "
+                             "e.g. SSSL")
         # the model's own rule (nanoforge/model/shape.py); the shape does not depend on the vocabulary
         width, n_head = width_and_heads(self.depth)
         try:

@@ -176,7 +176,7 @@ def train(plan: Plan, runtime, run, stop: StopFlag) -> TrainResult:
     from nanoforge.model.gpt import build_model
     from nanoforge.cpus import thread_plan
     from nanoforge.training.loader import TrainLoader
-    from nanoforge.training.optim import build_optimizers, lr_multiplier, muon_momentum
+    from nanoforge.training.optim import build_for_config, lr_multiplier, momentum_for, set_weight_decay, weight_decay_multiplier
     from nanoforge.runtime import peak_flops, probe_details
     from nanoforge.training.shard import ShardedOptimizers
     from nanoforge.model.sampling import generate
@@ -185,7 +185,7 @@ def train(plan: Plan, runtime, run, stop: StopFlag) -> TrainResult:
     checkpoint_dir = plan.dirs.checkpoints
     torch.manual_seed(cfg.seed)
     model = build_model(plan.model_config, device)
-    optimizers = build_optimizers(model, cfg.matrix_lr, cfg.embedding_lr, cfg.unembedding_lr, cfg.weight_decay)
+    optimizers = build_for_config(model, cfg)  # train.recipe's optimizers (2025: build_optimizers')
     if runtime.distributed and cfg.shard_optimizer:  # before the resume: each rank loads only its own pieces
         optimizers = ShardedOptimizers(optimizers)
 
@@ -278,10 +278,11 @@ def train(plan: Plan, runtime, run, stop: StopFlag) -> TrainResult:
             runtime.synchronize()
             t0 = time.perf_counter()
             lrm = lr_multiplier(step, n, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
+            set_weight_decay(optimizers, weight_decay_multiplier(cfg, step, n))  # Muon2026's (2026 recipe)
             try:
                 loss_sum, grad_norm, (x, y, state) = train_step(
                     model, train_model, ddp, optimizers, loader, x, y, plan.accum, cfg.grad_clip, lrm,
-                    muon_momentum(step), runtime,
+                    momentum_for(cfg, step, n), runtime,
                 )
             except NonFiniteGradient as exc:  # every rank is here: the norm was synchronised
                 mean_loss = exc.loss_sum / plan.accum

@@ -16,6 +16,7 @@ Notable:
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -136,3 +137,192 @@ def apply_schedules(optimizers, lr_mult: float, momentum: float) -> None:
         if isinstance(opt, Muon):
             for group in opt.param_groups:
                 group["momentum"] = momentum
+
+
+# ---------------------------------------------------------------------------
+# nanochat HEAD's (2026) Muon: Polar Express, NorMuon, cautious weight decay; per-group AdamW.
+# Chosen by the train.recipe options (nanoforge/config.py); with the 2025 values of all of them
+# `build_for_config` returns build_optimizers' optimizers, the FineWeb-era math bit for bit.
+
+# Polar Express (arXiv 2505.16932) for 5 iterations, safety factor 2e-2, cushion 2, as nanochat HEAD
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+NORMUON_BETA2 = 0.9
+
+
+def polar_express(G: Tensor, steps: int = 5) -> Tensor:
+    """HEAD's orthogonalisation of a stack (n, rows, cols), in G's dtype: MuonEq row equilibration (every row
+    scaled to the mean row norm), Polar Express iterations, then Muon+ (Frobenius norm snapped to
+    sqrt(min(rows, cols)), the norm of an exactly semi-orthogonal matrix)."""
+    X = G
+    target = X.float().norm(dim=(-2, -1), keepdim=True) / (X.size(-2) ** 0.5)
+    row_norm = X.float().norm(dim=-1, keepdim=True).clamp_min(1e-6)
+    X = X * (target / row_norm).to(X.dtype)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.01 + 1e-6)
+    for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
+        if G.size(-2) > G.size(-1):  # tall: the small Gram matrix is X^T X
+            A = X.mT @ X
+            X = a * X + X @ (b * A + c * (A @ A))
+        else:
+            A = X @ X.mT
+            X = a * X + (b * A + c * (A @ A)) @ X
+    current = X.float().norm(dim=(-2, -1), keepdim=True).clamp_min(1e-6)
+    return X * ((min(G.size(-2), G.size(-1)) ** 0.5) / current).to(X.dtype)
+
+
+def normuon_scale(g: Tensor, second: Tensor, beta2: float) -> Tensor:
+    """NorMuon (arXiv 2510.05491), as HEAD: a per-neuron second moment (`second`, updated in place) evens out
+    the update's row (or column) scales, keeping the update's overall norm."""
+    red_dim = -1 if g.size(-2) >= g.size(-1) else -2
+    v_mean = g.float().square().mean(dim=red_dim, keepdim=True)
+    size = g.size(red_dim)
+    v_norm = (v_mean.sum(dim=(-2, -1), keepdim=True) * size).sqrt()
+    second.lerp_(v_mean.to(second.dtype), 1 - beta2)
+    step_size = second.clamp_min(1e-10).rsqrt()
+    v_norm_new = ((v_mean * size) * step_size.float().square()).sum(dim=(-2, -1), keepdim=True).sqrt()
+    return g * (step_size * (v_norm / v_norm_new.clamp_min(1e-10))).to(g.dtype)
+
+
+class Muon2026(Muon):
+    """nanochat HEAD's Muon step: Nesterov momentum -> Polar Express (or the quintic Newton-Schulz) ->
+    NorMuon -> (cautious) decoupled weight decay. Per group: `weight_decay` (scheduled by
+    set_weight_decay), `orthogonalize`, `normuon`, `cautious`. Matrices of one shape are stacked.
+    The orthogonalisation runs in bf16 on CUDA and in fp32 elsewhere (HEAD: its compute dtype)."""
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0,
+                 orthogonalize: str = "polar_express", normuon: bool = True, cautious: bool = True):
+        super().__init__(params, lr=lr, momentum=momentum)
+        for group in self.param_groups:
+            group.update(weight_decay=weight_decay, orthogonalize=orthogonalize, normuon=normuon, cautious=cautious)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            by_shape: dict[tuple, list[Tensor]] = defaultdict(list)
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_shape[tuple(p.shape)].append(p)
+            for shape, params in by_shape.items():
+                self._step_stack(group, shape, params)
+        return None
+
+    def _step_stack(self, group: dict, shape: tuple, params: list[Tensor]) -> None:
+        rows, cols = shape
+        momentum = group["momentum"]
+        grads, bufs, seconds = [], [], []
+        for p in params:
+            state = self.state[p]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+                state["second_momentum_buffer"] = p.new_zeros((rows, 1) if rows >= cols else (1, cols))
+            grads.append(p.grad)
+            bufs.append(state["momentum_buffer"])
+            seconds.append(state["second_momentum_buffer"])
+        torch._foreach_lerp_(bufs, grads, 1 - momentum)
+        g = torch.stack(torch._foreach_lerp(grads, bufs, momentum))
+        X = g.bfloat16() if g.is_cuda else g
+        if group["orthogonalize"] == "polar_express":
+            X = polar_express(X, group["ns_steps"])
+        else:
+            X = zeropower_via_newtonschulz5(X, group["ns_steps"])
+        g = X.to(params[0].dtype)
+        if group["normuon"]:
+            second = torch.stack(seconds)
+            g = normuon_scale(g, second, NORMUON_BETA2)
+            torch._foreach_copy_(seconds, list(second.unbind(0)))
+        stacked = torch.stack(params)
+        lr = group["lr"] * max(1.0, rows / cols) ** 0.5
+        decay = lr * group["weight_decay"] * stacked
+        if group["cautious"]:  # decay only where the update pushes the same way (HEAD: mask g*p >= 0)
+            decay = decay * ((g * stacked) >= 0)
+        stacked.sub_(lr * g + decay)
+        torch._foreach_copy_(params, list(stacked.unbind(0)))
+
+
+# AdamW per group as nanochat HEAD's setup_optimizer: (lr factor, betas, weight decay); lr factor
+# multiplies embedding_lr (x s) for the embeddings, scalar_lr for resid/x0, and is absolute for smear
+ADAMW_2026 = {
+    "lm_head": ((0.8, 0.96), 0.01),
+    "embedding": ((0.8, 0.995), 0.001),
+    "value_embeds": ((0.8, 0.995), 0.01),
+    "resid": ((0.8, 0.95), 0.05),
+    "x0": ((0.96, 0.95), 0.0),
+    "smear": ((0.8, 0.95), 0.0),
+}
+SMEAR_LR = 0.2  # HEAD: smear gate and the smear/backout lambdas, unscaled
+
+
+def is_2025(cfg) -> bool:
+    """Every optimizer option at its FineWeb-era value (then the optimizers are build_optimizers')."""
+    from nanoforge.config import RECIPES
+
+    keys = ("muon_orthogonalize", "normuon", "muon_weight_decay", "cautious_weight_decay", "adamw_groups")
+    return all(cfg.option(k) == RECIPES["2025"][k] for k in keys)
+
+
+def build_for_config(model, cfg):
+    """The optimizers of train config `cfg` (its recipe options): [AdamW, Muon or Muon2026]."""
+    groups = model.param_groups()
+    if is_2025(cfg) and set(groups) == {"matrix", "embedding", "lm_head"}:
+        return build_optimizers(model, cfg.matrix_lr, cfg.embedding_lr, cfg.unembedding_lr, cfg.weight_decay)
+    s = adam_lr_scale(model.config.n_embd)
+    scalar_lr = cfg.option("scalar_lr")
+    lrs = {"lm_head": cfg.unembedding_lr * s, "embedding": cfg.embedding_lr * s,
+           "value_embeds": cfg.embedding_lr * s * 0.5, "resid": scalar_lr * 0.01, "x0": scalar_lr, "smear": SMEAR_LR}
+    adam_groups = []
+    for name in ("lm_head", "embedding", "value_embeds", "resid", "x0", "smear"):
+        if name not in groups:
+            continue
+        betas, wd = ADAMW_2026[name]
+        if name in ("lm_head", "embedding") and cfg.option("adamw_groups") == "2025":
+            betas, wd = ADAM_BETAS, cfg.weight_decay
+        adam_groups.append(dict(params=groups[name], lr=lrs[name], betas=betas, weight_decay=wd, name=name))
+    device = groups["lm_head"][0].device
+    adamw = torch.optim.AdamW(adam_groups, eps=ADAM_EPS, fused=device.type in ("cuda", "cpu"))
+    if is_2025(cfg):
+        muon = Muon(groups["matrix"], lr=cfg.matrix_lr, momentum=MOMENTUM_START)
+    else:
+        muon = Muon2026(groups["matrix"], lr=cfg.matrix_lr, momentum=MOMENTUM_START,
+                        weight_decay=cfg.option("muon_weight_decay"), orthogonalize=cfg.option("muon_orthogonalize"),
+                        normuon=cfg.option("normuon"), cautious=cfg.option("cautious_weight_decay"))
+    for opt in (adamw, muon):
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+            group["initial_weight_decay"] = group.get("weight_decay", 0.0)
+    return [adamw, muon]
+
+
+def momentum_for(cfg, step: int, num_iterations: int) -> float:
+    """Muon momentum at `step`: 2025 muon_momentum; 2026 HEAD's (0.85 -> 0.97 over 400 steps, then
+    0.97 -> 0.90 over the LR warmdown)."""
+    if cfg.option("momentum_schedule") == "2025":
+        return muon_momentum(step)
+    warmdown = round(cfg.warmdown_ratio * num_iterations)
+    start = num_iterations - warmdown
+    if step < 400:
+        frac = step / 400
+        return (1 - frac) * 0.85 + frac * 0.97
+    if step >= start:
+        progress = (step - start) / warmdown
+        return 0.97 * (1 - progress) + 0.90 * progress
+    return 0.97
+
+
+def weight_decay_multiplier(cfg, step: int, num_iterations: int) -> float:
+    """The Muon weight decay at `step` over its initial value: 1, or HEAD's cosine to 0 at the end."""
+    if cfg.option("weight_decay_schedule") == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * step / num_iterations))
+    return 1.0
+
+
+def set_weight_decay(optimizers, multiplier: float) -> None:
+    """Schedule Muon2026's weight decay (AdamW's stays constant, as HEAD)."""
+    for opt in optimizers:
+        if isinstance(opt, Muon2026):
+            for group in opt.param_groups:
+                group["weight_decay"] = group["initial_weight_decay"] * multiplier

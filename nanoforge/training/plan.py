@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nanoforge.common import ARTIFACTS_DIR, CHECKPOINT_DIR, FINEWEB_DIR, MODEL_DIR, TOKENIZER_DIR, TRAIN_DIR, read_json
-from nanoforge.config import DEFAULT_DATASET, ConfigError, TrainConfig
+from nanoforge.config import DEFAULT_DATASET, RECIPE_KEYS, RECIPES, ConfigError, TrainConfig
 from nanoforge.gpus import check_processes_fit_gpus
 from nanoforge.data.shards import check_dataset, read_manifest, train_shard_paths, val_shard_path
 from nanoforge.tokenizer.bpe import load_tokenizer
@@ -39,6 +39,10 @@ ONEOFF_DIR = ARTIFACTS_DIR / "oneoff"
 MATH_KEYS = ("depth", "n_kv_head", "max_seq_len", "total_batch_size", "seed", "matrix_lr", "embedding_lr",
              "unembedding_lr", "weight_decay", "grad_clip", "warmup_ratio", "warmdown_ratio", "final_lr_frac")
 HORIZON_KEYS = ("num_iterations", "target_flops", "target_param_data_ratio")
+# train.recipe and its options change the math too; compat holds their values as resolved from the recipe
+RECIPE_MATH_KEYS = ("recipe",) + RECIPE_KEYS
+# what a checkpoint written before the recipe options existed was trained with
+RECIPE_2025_COMPAT = {"train.recipe": "2025", **{f"train.{k}": v for k, v in RECIPES["2025"].items()}}
 
 
 @dataclass(frozen=True)
@@ -60,7 +64,8 @@ def run_dirs(base: TrainConfig, cfg: TrainConfig) -> tuple[RunDirs, dict]:
     it can never write into the pipeline's checkpoints or outputs; running it again with
     the same overrides resumes it there.
     """
-    changed = {k: getattr(cfg, k) for k in MATH_KEYS + HORIZON_KEYS if getattr(cfg, k) != getattr(base, k)}
+    keys = MATH_KEYS + HORIZON_KEYS + RECIPE_MATH_KEYS
+    changed = {k: getattr(cfg, k) for k in keys if getattr(cfg, k) != getattr(base, k)}
     if not changed:
         return PIPELINE_DIRS, {}
     digest = hashlib.sha256(json.dumps(changed, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -109,6 +114,8 @@ def compat_key(cfg: TrainConfig, num_iterations: int, tokenizer, manifest: dict)
     shards = {s["index"]: s.get("sha256") for s in manifest.get("shards", [])}
     return {
         **{f"train.{k}": getattr(cfg, k) for k in MATH_KEYS},
+        "train.recipe": cfg.recipe,
+        **{f"train.{k}": v for k, v in cfg.recipe_options().items()},
         "train horizon (steps)": num_iterations,
         "tokenizer (sha256 of artifacts/tokenizer/tokenizer.tiktoken)": tokenizer.meta.get("ranks_sha256"),
         # the same ranks under another pre-split regex tokenize text differently (absent in old tokenizers: None)
@@ -133,7 +140,8 @@ def plan_run(cfg: TrainConfig, world_size: int, resume_mode: str, init_from: str
     train_paths = train_shard_paths(manifest, FINEWEB_DIR)
     val_path = val_shard_path(manifest, FINEWEB_DIR) if cfg.eval_every else None
     tokenizer = load_tokenizer(TOKENIZER_DIR)
-    model_config = config_for_depth(cfg.depth, tokenizer.vocab_size, cfg.max_seq_len, cfg.n_kv_head)
+    model_config = config_for_depth(cfg.depth, tokenizer.vocab_size, cfg.max_seq_len, cfg.n_kv_head,
+                                    **cfg.model_options())
     with torch.device("meta"):  # count without allocating
         meta_model = GPT(model_config)
     num_params, num_emb = meta_model.num_params(), meta_model.num_embedding_params()
@@ -166,7 +174,7 @@ def plan_run(cfg: TrainConfig, world_size: int, resume_mode: str, init_from: str
     plan.latest = latest = latest_checkpoint(dirs.checkpoints)
     if latest is not None and resume_mode == "auto":
         meta = read_meta(latest)
-        diff = compat_diff(meta.get("compat", {}), compat)
+        diff = compat_diff({**RECIPE_2025_COMPAT, **meta.get("compat", {})}, compat)
         if init_path is not None and str(init_path) != str(meta.get("init_from")):
             # an explicit --init-from means "start a new run from those weights", not "resume another one"
             diff.append(f"init from: {meta.get('init_from')!r} -> {str(init_path)!r}")

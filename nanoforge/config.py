@@ -248,6 +248,9 @@ class TrainConfig(Section):
                                                  "BOS-aligned best-fit packing, every row starts at a document "
                                                  "(~1/3 of the tokens cropped at T=2048)")
     loader_buffer_docs: int = Field(1000, ge=1, description="bestfit: the documents it chooses from (nanochat: 1000)")
+    fp8: bool = Field(False, description="fp8 matmuls in training (nanochat HEAD's tensorwise recipe) on GPUs with "
+                                         "compute capability 8.9+ (H100/H200, L4/L40); elsewhere skipped with the "
+                                         "reason in the log; evaluation stays in the run's dtype")
     eval_every: int = Field(50, ge=0, description="val BPB every N steps and at the end (0: off)")
     eval_tokens: BigInt = Field(32_768, ge=1, description="val BPB budget during training, from the start of "
                                                           "the val shard")

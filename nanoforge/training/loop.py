@@ -168,6 +168,25 @@ def wrap_ddp(model, device):
                **{name: False})
 
 
+def use_fp8(model, cfg, device, main: bool):
+    """train.fp8: (what details.json says, the context that evaluation runs in). Skipped with the reason where the
+    device has no fp8 matmuls (nanoforge/model/fp8.py), so a preset copied to an older GPU still trains."""
+    if not cfg.fp8:
+        return "off", contextlib.nullcontext
+    from nanoforge.model import fp8
+
+    reason = fp8.unsupported(device)
+    if reason is not None:
+        if main:
+            log.warning("train.fp8: skipped, training without it: %s", reason)
+        return f"skipped: {reason}", contextlib.nullcontext
+    converted, total = fp8.convert(model)
+    if main:
+        log.info("train.fp8: %d of %d Linear layers in fp8 (the others are too small or not multiples of 16)",
+                 converted, total)
+    return f"on: {converted} of {total} Linear layers", fp8.full_precision
+
+
 def train(plan: Plan, runtime, run, stop: StopFlag) -> TrainResult:
     """Build, resume, loop, save. Returns the result on every rank (its summary on rank 0 only)."""
     import torch
@@ -205,6 +224,7 @@ def train(plan: Plan, runtime, run, stop: StopFlag) -> TrainResult:
             log.info("initialised from the weights of %s", plan.init_from)
     runtime.barrier()
 
+    fp8_state, full_precision = use_fp8(model, cfg, device, main)  # before DDP and compile see the modules
     use_compile = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
     ddp = None
     if runtime.distributed:
@@ -257,8 +277,9 @@ def train(plan: Plan, runtime, run, stop: StopFlag) -> TrainResult:
             # --- eval
             if val_rows is not None and (last or step % cfg.eval_every == 0):
                 t0 = time.perf_counter()
-                bpb = evaluate_bpb(eval_model, rank_batches(val_rows, cfg.device_batch_size, runtime),
-                                   plan.tokenizer.token_bytes, runtime)
+                with full_precision(model):  # no fp8 in evaluation (nanochat's disable_fp8)
+                    bpb = evaluate_bpb(eval_model, rank_batches(val_rows, cfg.device_batch_size, runtime),
+                                       plan.tokenizer.token_bytes, runtime)
                 history["val"] = [r for r in history["val"] if r["step"] != step]
                 history["val"].append({"step": step, "flops": step * flops_per_step, "val_bpb": bpb})
                 run.log_metrics({"val_bpb": bpb}, step=step)
@@ -266,7 +287,9 @@ def train(plan: Plan, runtime, run, stop: StopFlag) -> TrainResult:
                     log.info("step %d/%d | val bpb %.4f | %.1fs", step, n, bpb, time.perf_counter() - t0)
             # --- samples (rank 0 alone: generation has no collectives)
             if main and cfg.sample_every and (last or (step > 0 and step % cfg.sample_every == 0)):
-                texts = generate(eval_model, plan.tokenizer, SAMPLE_PROMPTS, max_tokens=16, temperature=0.0, runtime=runtime)
+                with full_precision(model):
+                    texts = generate(eval_model, plan.tokenizer, SAMPLE_PROMPTS, max_tokens=16, temperature=0.0,
+                                     runtime=runtime)
                 history["samples"] = [s for s in history["samples"] if s["step"] != step]
                 history["samples"].append({"step": step, "samples": [p + t for p, t in zip(SAMPLE_PROMPTS, texts)]})
                 for p, t in zip(SAMPLE_PROMPTS, texts):
@@ -370,6 +393,7 @@ def train(plan: Plan, runtime, run, stop: StopFlag) -> TrainResult:
             "grad_accum_steps": plan.accum,
             "total_batch_size": tokens_per_step,
             "depth": cfg.depth,
+            "fp8": fp8_state,
             "final_loss": rows[-1]["loss_ema"] if rows else None,
             "val_bpb": vals[-1] if vals else None,
             "min_val_bpb": min(vals) if vals else None,

@@ -99,8 +99,9 @@ def show(row: dict) -> str:
         f"{row['gpu_gib']:g} GiB GPU, {'compiled' if row['compiled'] else 'eager'} (GiB per rank)",
         f"  weights {g(row['weights'])} | gradients {g(row['gradients'])} | optimizer {g(row['optimizer'])} | "
         f"activations/micro-batch {g(row['activations'])} | eval transient {g(row['eval_transient'])}",
-        f"  optimizer state {g(row['optimizer_state'])} = 1/{row['optimizer_shards']} of {g(row['optimizer_state_unsharded'])}"
-        f" (sharded across the ranks; unsharded the optimizer row would be {g(row['optimizer_unsharded'])})",
+        (f"  optimizer state {g(row['optimizer_state'])} = 1/{row['optimizer_shards']} of {g(row['optimizer_state_unsharded'])}"
+         f" (sharded across the ranks; unsharded the optimizer row would be {g(row['optimizer_unsharded'])})"
+         if row["optimizer_shards"] > 1 else f"  optimizer state {g(row['optimizer_state'])} (one rank: not sharded)"),
         f"  peak {g(row['total'])}: {verdict}",
         f"  eager (compile off or failing): peak {g(row['eager_total'])}: {eager}",
         f"  evaluate stage: {g(row['evaluate_stage_total'])}",

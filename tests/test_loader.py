@@ -214,3 +214,15 @@ def test_a_position_of_the_other_loader_is_refused(data):
         BestFitStream(paths, tok, T, state={**start_state("bestfit"), "buffer": [[0, 0, 999]]})
     with pytest.raises(ValueError, match="train.loader='packed': expected one of stream, bestfit"):
         TrainLoader(paths, tok, T, 2, 4 * T, kind="packed")
+
+
+def test_the_loader_is_a_recipe_option_and_resume_never_crosses_loaders():
+    from nanoforge.config import TrainConfig
+    from nanoforge.training.checkpoint import compat_diff
+    from nanoforge.training.plan import LEGACY_COMPAT, MATH_KEYS
+
+    assert TrainConfig().option("loader") == "stream" and TrainConfig(recipe="2026").option("loader") == "bestfit"
+    assert TrainConfig(recipe="2026", loader="stream").option("loader") == "stream"
+    assert {"loader_buffer_docs", "fp8"} <= set(MATH_KEYS)  # in the compat key: a change is a new run
+    new = {**LEGACY_COMPAT, "train.loader": "bestfit"}
+    assert compat_diff(LEGACY_COMPAT, new) == ["train.loader: 'stream' -> 'bestfit'"]

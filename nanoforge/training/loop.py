@@ -240,7 +240,7 @@ def train(plan: Plan, runtime, run, stop: StopFlag) -> TrainResult:
         log.info("%s", threads.describe())
     loader = TrainLoader(plan.train_paths, plan.tokenizer, cfg.max_seq_len, cfg.device_batch_size, cfg.total_batch_size,
                          runtime.rank, plan.world_size, cfg.seed, loader_state, device, threads=threads.loader,
-                         kind=cfg.loader, buffer_docs=cfg.loader_buffer_docs)
+                         kind=cfg.option("loader"), buffer_docs=cfg.loader_buffer_docs)
     val_rows = None
     if plan.val_path is not None:
         val_rows = shard_rows([plan.val_path], plan.tokenizer, cfg.max_seq_len, cfg.eval_tokens)

@@ -183,11 +183,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     "2025": dict(value_embeds=False, window_pattern="L", lambdas=False, smear=False, backout=False, softcap=15.0,
                  init_scheme="2025", rope_base=10_000.0, qk_scale=1.0, muon_orthogonalize="newton_schulz",
                  normuon=False, muon_weight_decay=0.0, cautious_weight_decay=False, weight_decay_schedule="constant",
-                 momentum_schedule="2025", adamw_groups="2025", scalar_lr=0.5, loader="stream"),
+                 momentum_schedule="2025", adamw_groups="2025", scalar_lr=0.5),
     "2026": dict(value_embeds=True, window_pattern="SSSL", lambdas=True, smear=True, backout=True, softcap=15.0,
                  init_scheme="2026", rope_base=100_000.0, qk_scale=1.2, muon_orthogonalize="polar_express",
                  normuon=True, muon_weight_decay=0.28, cautious_weight_decay=True, weight_decay_schedule="cosine",
-                 momentum_schedule="2026", adamw_groups="2026", scalar_lr=0.5, loader="bestfit"),
+                 momentum_schedule="2026", adamw_groups="2026", scalar_lr=0.5),
 }
 RECIPE_KEYS = tuple(RECIPES["2025"])
 # the recipe options that are the model's (GPTConfig field names)
@@ -237,13 +237,16 @@ class TrainConfig(Section):
     shard_optimizer: bool = Field(True, description="with more than one rank: ZeRO-1, each rank keeps and "
                                   "steps the optimizer state of 1/world of the parameters, then broadcasts them "
                                   "(the same weights bit for bit; false: every rank steps everything)")
+    shard_optimizer: bool = Field(True, description="with more than one rank: ZeRO-1, each rank keeps and "
+                                  "steps the optimizer state of 1/world of the parameters, then broadcasts them "
+                                  "(the same weights bit for bit; false: every rank steps everything)")
     collective_timeout_s: float = Field(600.0, gt=0, description="a collective (all-reduce, barrier) that waits "
                                         "longer fails the run: a frozen or lost node becomes an error, not a hang")
     seed: int = Field(42, description="model init and the data order of later epochs")
-    loader: Literal["stream", "bestfit"] | None = Field(
-        None, description="how documents become rows: stream = one token stream cut into rows (2025) | bestfit = "
-                          "nanochat HEAD's BOS-aligned best-fit packing, every row starts at a document, ~1/3 of "
-                          "the tokens cropped at T=2048 (2026); null = the recipe's")
+    loader: Literal["stream", "bestfit"] = Field("stream", description="how documents become rows: stream = one "
+                                                 "token stream cut into rows (2025) | bestfit = nanochat HEAD's "
+                                                 "BOS-aligned best-fit packing, every row starts at a document "
+                                                 "(~1/3 of the tokens cropped at T=2048)")
     loader_buffer_docs: int = Field(1000, ge=1, description="bestfit: the documents it chooses from (nanochat: 1000)")
     fp8: bool = Field(False, description="fp8 matmuls in training (nanochat HEAD's tensorwise recipe) on GPUs with "
                                          "compute capability 8.9+ (H100/H200, L4/L40); elsewhere skipped with the "
@@ -485,6 +488,53 @@ class LaunchConfig(Section):
         return self
 
 
+def budget_label(budget: float) -> str:
+    """1e15 -> '1e15', 2.15e18 -> '2.15e18': the shortest scientific form that keeps 6 digits
+    (a sweep cell's name, nanoforge/sweep/grid.py; here so the config needs no sweep import)."""
+    mantissa, exponent = f"{float(budget):.5e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def _budget_text(value: Any) -> Any:
+    # DVC names a matrix stage from each value's text (sweep@1e15-4); a YAML float would print as
+    # 1000000000000000.0, so a budget is the quoted shortest scientific form, '1e15' or '2.15e18'
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        raise ValueError(f"write the budget {value!r} as the quoted string '{budget_label(value)}': "
+                         "DVC names each cell's stage from this text")
+    return value
+
+
+class SweepConfig(Section):
+    NOTE = ("the scaling-law sweep (dvc.yaml: the sweep matrix stage, then scaling_laws): every cell trains the "
+            "train section's recipe at one depth to exactly one budget (train.target_flops)")
+
+    budgets: list[Annotated[str, BeforeValidator(_budget_text)]] = Field(
+        ["3e12", "1e13", "3e13"], description="compute budgets C in training FLOPs, quoted, shortest scientific form")
+    depths: list[int] = Field([1, 2, 3, 4, 6], description="model depths per budget (at least 3: a parabola each); "
+                                                         "5 has no shape (width 320, 3 heads)")
+    core: bool = Field(False, description="also the CORE metric per cell (evaluate's core_* settings; slow on CPU)")
+    params_convention: Literal["total", "no_embedding", "transformer"] = Field(
+        "no_embedding", description="what counts as N in the fit (nanochat's notebook: no_embedding)")
+    min_steps: int = Field(10, ge=1, description="a cell with fewer optimizer steps is refused before any work")
+    bootstrap: int = Field(1000, ge=0, description="bootstrap replicates for the uncertainty of a, b, D/N (0: off)")
+    seed: int = Field(0, description="of the bootstrap")
+    sum_tolerance: float = Field(0.1, gt=0, description="asset check: |a + b - 1| at most this")
+
+    @model_validator(mode="after")
+    def _valid(self):
+        for text in self.budgets:
+            try:
+                value = float(text)
+            except ValueError:
+                raise ValueError(f"sweep.budgets: {text!r} is not a number of FLOPs, e.g. '1e15'") from None
+            if not (0 < value < float("inf")):
+                raise ValueError(f"sweep.budgets: {text!r} must be positive finite FLOPs")
+            if budget_label(value) != text:
+                raise ValueError(f"sweep.budgets: write {text!r} as '{budget_label(value)}' (the cell names "
+                                 "artifacts/sweep/c<budget>-d<depth> use that form)")
+        return self
+
+
 class Params(Section):
     download: DownloadConfig = DownloadConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
@@ -493,6 +543,7 @@ class Params(Section):
     report: ReportConfig = ReportConfig()
     pipeline: PipelineConfig = PipelineConfig()
     launch: LaunchConfig = LaunchConfig()
+    sweep: SweepConfig = SweepConfig()
 
 
 SECTIONS = tuple(Params.model_fields)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
+from nanoforge.config import budget_label  # noqa: F401  (the config checks budgets in this form)
 from nanoforge.model.shape import config_for_depth
 
 MIN_STEPS = 10  # fewer optimizer steps than this and val BPB says more about the schedule than the size
@@ -61,13 +62,6 @@ class Cell:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def budget_label(budget: float) -> str:
-    """1e15 -> '1e15', 2.15e18 -> '2.15e18': the shortest scientific form that keeps 6 digits."""
-    mantissa, exponent = f"{float(budget):.5e}".split("e")
-    mantissa = mantissa.rstrip("0").rstrip(".")
-    return f"{mantissa}e{int(exponent)}"
 
 
 def cell_name(budget: float, depth: int) -> str:

@@ -38,15 +38,12 @@ RUN_DIR_ENV = "NANOFORGE_RUN_DIR"  # set: the run writes {checkpoints,model,trai
 ONEOFF_DIR = ARTIFACTS_DIR / "oneoff"
 # the params that change the math (what compat_key holds, plus what sets the horizon)
 MATH_KEYS = ("depth", "n_kv_head", "max_seq_len", "total_batch_size", "seed", "matrix_lr", "embedding_lr",
-             "unembedding_lr", "weight_decay", "grad_clip", "warmup_ratio", "warmdown_ratio", "final_lr_frac",
-             "loader_buffer_docs", "fp8")
+             "unembedding_lr", "weight_decay", "grad_clip", "warmup_ratio", "warmdown_ratio", "final_lr_frac")
 HORIZON_KEYS = ("num_iterations", "target_flops", "target_param_data_ratio")
 # train.recipe and its options change the math too; compat holds their values as resolved from the recipe
 RECIPE_MATH_KEYS = ("recipe",) + RECIPE_KEYS
 # what a checkpoint written before the recipe options existed was trained with
 RECIPE_2025_COMPAT = {"train.recipe": "2025", **{f"train.{k}": v for k, v in RECIPES["2025"].items()}}
-# ... and before train.fp8 and the best-fit buffer existed: what a checkpoint without those keys had
-LEGACY_COMPAT = {**RECIPE_2025_COMPAT, "train.loader_buffer_docs": 1000, "train.fp8": False}
 
 
 @dataclass(frozen=True)
@@ -70,6 +67,9 @@ def run_dirs(base: TrainConfig, cfg: TrainConfig) -> tuple[RunDirs, dict]:
     """
     keys = MATH_KEYS + HORIZON_KEYS + RECIPE_MATH_KEYS
     changed = {k: getattr(cfg, k) for k in keys if getattr(cfg, k) != getattr(base, k)}
+    if os.environ.get(RUN_DIR_ENV):  # a sweep cell (stages/sweep.py): its own folder, artifacts/sweep/<cell>/
+        root = Path(os.environ[RUN_DIR_ENV])
+        return RunDirs(root / "checkpoints", root / "model", root / "train"), changed
     if not changed:
         return PIPELINE_DIRS, {}
     digest = hashlib.sha256(json.dumps(changed, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -178,7 +178,7 @@ def plan_run(cfg: TrainConfig, world_size: int, resume_mode: str, init_from: str
     plan.latest = latest = latest_checkpoint(dirs.checkpoints)
     if latest is not None and resume_mode == "auto":
         meta = read_meta(latest)
-        diff = compat_diff({**LEGACY_COMPAT, **meta.get("compat", {})}, compat)
+        diff = compat_diff({**RECIPE_2025_COMPAT, **meta.get("compat", {})}, compat)
         if init_path is not None and str(init_path) != str(meta.get("init_from")):
             # an explicit --init-from means "start a new run from those weights", not "resume another one"
             diff.append(f"init from: {meta.get('init_from')!r} -> {str(init_path)!r}")

@@ -1,0 +1,196 @@
+"""The scaling-law sweep as a pipeline (issue 13): params, sweep/dvc.yaml, the cell and fit stages.
+
+Fast: the sweep params are checked before any work (a float budget, a non-canonical one, one depth,
+a budget too small for a depth: each an error naming the key or the cell, and nothing written);
+sweep/dvc.yaml's deps cover every module its stages import (tests/test_layout.py's rule, here for
+the second pipeline file), and DVC's cell names match the grid's folders.
+
+Cluster (`make test-slurm`): the cell caching through real `dvc repro` and real torchrun on a tiny
+model: two cells run; a new budget runs only its cell; a train param change re-runs both; a cell
+killed after its checkpoint resumes from it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nanoforge.config import ConfigError, Params, load_params
+from nanoforge.sweep.grid import cell_name
+from nanoforge.sweep.pipeline import grid_of
+from tests.conftest import BIN, REPO, make_project, run, tool
+from tests.test_layout import import_closure, missing_deps
+
+
+def params_with(tmp_path: Path, **sweep) -> Path:
+    raw = Params().model_dump(mode="json")
+    raw["sweep"].update(sweep)
+    path = tmp_path / "params.yaml"
+    path.write_text(dump(raw))
+    return path
+
+
+def dump(tree: dict) -> str:
+    """YAML as the presets write it: '3e12' quoted (PyYAML 1.1 would write it plain, which DVC and
+    our loader read as a float)."""
+    from nanoforge.presets import _Dumper
+
+    return yaml.dump(tree, Dumper=_Dumper, sort_keys=False)
+
+
+def test_budgets_are_quoted_canonical_text(tmp_path):
+    with pytest.raises(ConfigError, match=r"sweep\.budgets.*write the budget 1000000000000000.0 as the quoted string '1e15'"):
+        load_params(params_with(tmp_path, budgets=[1e15]))
+    with pytest.raises(ConfigError, match=r"sweep\.budgets: write '1000000' as '1e6'"):
+        load_params(params_with(tmp_path, budgets=["1000000"]))
+    with pytest.raises(ConfigError, match=r"sweep\.params_convention"):
+        load_params(params_with(tmp_path, params_convention="all"))
+
+
+def test_bad_grid_is_refused_before_any_work(tmp_path, monkeypatch):
+    """One depth, or a budget that gives a depth too few steps: the stage exits 2 naming it, writing nothing."""
+    from stages import sweep as stage
+
+    monkeypatch.chdir(tmp_path)
+    params_with(tmp_path, depths=[2])
+    assert stage.main(["--budget", "3e12", "--depth", "2"]) == 2
+    params_with(tmp_path, budgets=["1e9", "3e12"], depths=[1, 2, 4])
+    with pytest.raises(ConfigError, match=r"c1e9-d4: \d steps .* it needs sweep\.budgets >= "):
+        grid_of(load_params("params.yaml"))
+    assert stage.main(["--budget", "3e12", "--depth", "1"]) == 2  # a fine cell, in a grid with a bad one
+    assert not (tmp_path / "artifacts").exists()
+
+
+def test_bad_grid_message_names_the_depths(tmp_path, capsys, monkeypatch):
+    from stages import sweep as stage
+
+    monkeypatch.chdir(tmp_path)
+    params_with(tmp_path, depths=[2, 4])
+    assert stage.main(["--budget", "3e12", "--depth", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "sweep.depths=[2, 4]" in err and "at least 3" in err
+
+
+def sweep_spec_dir(tmp_path: Path) -> Path:
+    """sweep/dvc.yaml as a dvc.yaml beside the code, for test_layout's check."""
+    for name in ("nanoforge", "stages"):
+        (tmp_path / name).symlink_to(REPO / name)
+    shutil.copy(REPO / "sweep/dvc.yaml", tmp_path / "dvc.yaml")
+    return tmp_path
+
+
+def test_sweep_stages_list_the_modules_they_import(tmp_path):
+    root = sweep_spec_dir(tmp_path)
+    assert missing_deps(root) == {}
+    # the cell runs the train stage (a subprocess): its code is a dep too, so a train change re-runs the cells
+    spec = yaml.safe_load((REPO / "sweep/dvc.yaml").read_text())
+    deps = set(spec["stages"]["sweep"]["deps"])
+    train = {str(p.relative_to(REPO)) for p in import_closure(REPO, REPO / "stages/train.py")}
+    assert train - deps == set(), ("sweep/dvc.yaml's sweep stage runs stages.train: add these train modules to its "
+                                   f"deps too: {sorted(train - deps)}")
+
+
+def test_dvc_names_the_cells_as_the_grid_does(tmp_path):
+    project = make_project(tmp_path / "p")
+    shutil.copytree(REPO / "sweep", project / "sweep")
+    out = run([tool("dvc"), "stage", "list", "sweep/dvc.yaml"], project).stdout
+    params = load_params(project / "params.yaml")
+    for budget in params.sweep.budgets:
+        for depth in params.sweep.depths:
+            assert f"sweep/dvc.yaml:sweep@{budget}-{depth} " in out
+            assert f"artifacts/sweep/{cell_name(float(budget), depth)}/model" in out
+    assert "sweep/dvc.yaml:scaling_laws" in out
+
+
+# ---------------------------------------------------------------------------
+# real DVC, real torchrun
+
+CELL_TINY = {
+    "tokenizer.vocab_size": 512, "tokenizer.max_chars": 200_000, "tokenizer.eval_chars": 20_000,
+    "train.max_seq_len": 64, "train.device_batch_size": 4, "train.total_batch_size": 256,
+    "train.eval_every": 20, "train.eval_tokens": 1024, "train.sample_every": 0, "train.save_every": 10,
+}
+
+
+def ran_cells(out: str) -> list[str]:
+    return sorted(line.split("@", 1)[1].rstrip("':") for line in out.splitlines()
+                  if line.startswith("Running stage 'sweep/dvc.yaml:sweep@"))
+
+
+def set_params(project: Path, **values) -> None:
+    from nanoforge.config import parse_yaml
+
+    tree = parse_yaml((project / "params.yaml").read_text())
+    for dotted, value in values.items():
+        section, key = dotted.split(".")
+        tree[section][key] = value
+    (project / "params.yaml").write_text(dump(tree))
+
+
+@pytest.fixture
+def sweep_project(tmp_path, monkeypatch):
+    from tests.datagen import make_fineweb
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    monkeypatch.setenv("NANOFORGE_TRACKING", "off")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("PATH", f"{BIN}:{__import__('os').environ['PATH']}")
+    project = make_project(tmp_path / "project", CELL_TINY)
+    set_params(project, **{"sweep.budgets": ["3e10"], "sweep.depths": [1, 2, 3]})
+    shutil.copytree(REPO / "sweep", project / "sweep")
+    make_fineweb(project / "data/fineweb", train=(0, 1), val=1822, docs_per_shard=300)
+    run([tool("dvc"), "add", "-q", "data"], project)
+    run("git add -A && git commit -q -m data", project)
+    return project
+
+
+@pytest.mark.cluster
+def test_cells_cache_and_rerun_as_the_grid_and_recipe_change(sweep_project):
+    project = sweep_project
+    two = ["sweep/dvc.yaml:sweep@3e10-1", "sweep/dvc.yaml:sweep@3e10-2"]
+    first = run([tool("dvc"), "repro", *two], project, timeout=600).stdout
+    assert ran_cells(first) == ["3e10-1", "3e10-2"]
+    row = json.loads((project / "artifacts/sweep/c3e10-d1/cell.json").read_text())
+    assert row["name"] == "c3e10-d1" and row["val_bpb"] > 0 and row["tokens_trained"] == row["tokens"]
+    assert (project / "artifacts/sweep/c3e10-d1/checkpoints").is_dir()
+    assert not (project / "artifacts/checkpoints").exists()  # never the main train stage's folder
+
+    # a new budget: only its cell runs; the finished ones are up to date
+    set_params(project, **{"sweep.budgets": ["3e10", "6e10"]})
+    again = run([tool("dvc"), "repro", *two, "sweep/dvc.yaml:sweep@6e10-1"], project, timeout=600).stdout
+    assert ran_cells(again) == ["6e10-1"]
+
+    # the recipe changes: every cell runs again (and starts fresh, not from the old checkpoint)
+    set_params(project, **{"train.seed": 7})
+    changed = run([tool("dvc"), "repro", *two], project, timeout=600).stdout
+    assert ran_cells(changed) == ["3e10-1", "3e10-2"]
+    assert "new run, starting fresh" in changed
+
+
+@pytest.mark.cluster
+def test_a_killed_cell_resumes_from_its_checkpoint(sweep_project):
+    project = sweep_project
+    target = "sweep/dvc.yaml:sweep@3e10-1"  # 217 steps, a checkpoint every 10
+    run([tool("dvc"), "repro", "tokenizer"], project, timeout=300)
+    proc = subprocess.Popen([tool("dvc"), "repro", target], cwd=project, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    ckpt = project / "artifacts/sweep/c3e10-d1/checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(ckpt.glob("step_*")):
+        time.sleep(0.5)
+    import os
+
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: train saves a checkpoint and stops
+    proc.communicate(timeout=120)
+    assert any(ckpt.glob("step_*")) and not (project / "artifacts/sweep/c3e10-d1/cell.json").exists()
+    out = run([tool("dvc"), "repro", target], project, timeout=600).stdout
+    assert ran_cells(out) == ["3e10-1"] and "resum" in out.lower()
+    assert json.loads((project / "artifacts/sweep/c3e10-d1/cell.json").read_text())["val_bpb"] > 0

@@ -183,11 +183,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     "2025": dict(value_embeds=False, window_pattern="L", lambdas=False, smear=False, backout=False, softcap=15.0,
                  init_scheme="2025", rope_base=10_000.0, qk_scale=1.0, muon_orthogonalize="newton_schulz",
                  normuon=False, muon_weight_decay=0.0, cautious_weight_decay=False, weight_decay_schedule="constant",
-                 momentum_schedule="2025", adamw_groups="2025", scalar_lr=0.5),
+                 momentum_schedule="2025", adamw_groups="2025", scalar_lr=0.5, loader="stream"),
     "2026": dict(value_embeds=True, window_pattern="SSSL", lambdas=True, smear=True, backout=True, softcap=15.0,
                  init_scheme="2026", rope_base=100_000.0, qk_scale=1.2, muon_orthogonalize="polar_express",
                  normuon=True, muon_weight_decay=0.28, cautious_weight_decay=True, weight_decay_schedule="cosine",
-                 momentum_schedule="2026", adamw_groups="2026", scalar_lr=0.5),
+                 momentum_schedule="2026", adamw_groups="2026", scalar_lr=0.5, loader="bestfit"),
 }
 RECIPE_KEYS = tuple(RECIPES["2025"])
 # the recipe options that are the model's (GPTConfig field names)
@@ -237,16 +237,13 @@ class TrainConfig(Section):
     shard_optimizer: bool = Field(True, description="with more than one rank: ZeRO-1, each rank keeps and "
                                   "steps the optimizer state of 1/world of the parameters, then broadcasts them "
                                   "(the same weights bit for bit; false: every rank steps everything)")
-    shard_optimizer: bool = Field(True, description="with more than one rank: ZeRO-1, each rank keeps and "
-                                  "steps the optimizer state of 1/world of the parameters, then broadcasts them "
-                                  "(the same weights bit for bit; false: every rank steps everything)")
     collective_timeout_s: float = Field(600.0, gt=0, description="a collective (all-reduce, barrier) that waits "
                                         "longer fails the run: a frozen or lost node becomes an error, not a hang")
     seed: int = Field(42, description="model init and the data order of later epochs")
-    loader: Literal["stream", "bestfit"] = Field("stream", description="how documents become rows: stream = one "
-                                                 "token stream cut into rows (2025) | bestfit = nanochat HEAD's "
-                                                 "BOS-aligned best-fit packing, every row starts at a document "
-                                                 "(~1/3 of the tokens cropped at T=2048)")
+    loader: Literal["stream", "bestfit"] | None = Field(
+        None, description="how documents become rows: stream = one token stream cut into rows (2025) | bestfit = "
+                          "nanochat HEAD's BOS-aligned best-fit packing, every row starts at a document, ~1/3 of "
+                          "the tokens cropped at T=2048 (2026); null = the recipe's")
     loader_buffer_docs: int = Field(1000, ge=1, description="bestfit: the documents it chooses from (nanochat: 1000)")
     fp8: bool = Field(False, description="fp8 matmuls in training (nanochat HEAD's tensorwise recipe) on GPUs with "
                                          "compute capability 8.9+ (H100/H200, L4/L40); elsewhere skipped with the "

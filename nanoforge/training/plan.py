@@ -35,15 +35,19 @@ from nanoforge.training.checkpoint import CheckpointError, compat_diff, latest_c
 RESUME_ENV = "NANOFORGE_RESUME"  # auto (default) | fresh
 INIT_ENV = "NANOFORGE_INIT_FROM"
 RUN_DIR_ENV = "NANOFORGE_RUN_DIR"  # set: the run writes {checkpoints,model,train} under it
+RUN_DIR_ENV = "NANOFORGE_RUN_DIR"  # set: the run writes {checkpoints,model,train} under it
 ONEOFF_DIR = ARTIFACTS_DIR / "oneoff"
 # the params that change the math (what compat_key holds, plus what sets the horizon)
 MATH_KEYS = ("depth", "n_kv_head", "max_seq_len", "total_batch_size", "seed", "matrix_lr", "embedding_lr",
-             "unembedding_lr", "weight_decay", "grad_clip", "warmup_ratio", "warmdown_ratio", "final_lr_frac")
+             "unembedding_lr", "weight_decay", "grad_clip", "warmup_ratio", "warmdown_ratio", "final_lr_frac",
+             "loader_buffer_docs", "fp8")
 HORIZON_KEYS = ("num_iterations", "target_flops", "target_param_data_ratio")
 # train.recipe and its options change the math too; compat holds their values as resolved from the recipe
 RECIPE_MATH_KEYS = ("recipe",) + RECIPE_KEYS
 # what a checkpoint written before the recipe options existed was trained with
 RECIPE_2025_COMPAT = {"train.recipe": "2025", **{f"train.{k}": v for k, v in RECIPES["2025"].items()}}
+# ... and before train.fp8 and the best-fit buffer existed: what a checkpoint without those keys had
+LEGACY_COMPAT = {**RECIPE_2025_COMPAT, "train.loader_buffer_docs": 1000, "train.fp8": False}
 
 
 @dataclass(frozen=True)
@@ -178,7 +182,7 @@ def plan_run(cfg: TrainConfig, world_size: int, resume_mode: str, init_from: str
     plan.latest = latest = latest_checkpoint(dirs.checkpoints)
     if latest is not None and resume_mode == "auto":
         meta = read_meta(latest)
-        diff = compat_diff({**RECIPE_2025_COMPAT, **meta.get("compat", {})}, compat)
+        diff = compat_diff({**LEGACY_COMPAT, **meta.get("compat", {})}, compat)
         if init_path is not None and str(init_path) != str(meta.get("init_from")):
             # an explicit --init-from means "start a new run from those weights", not "resume another one"
             diff.append(f"init from: {meta.get('init_from')!r} -> {str(init_path)!r}")

@@ -84,7 +84,10 @@ class Cluster:
             "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
             "AccountingStorageType=accounting_storage/none", "JobCompType=jobcomp/none",
             "JobAcctGatherType=jobacct_gather/none", "MpiDefault=none", "ReturnToService=2",
-            "SchedulerType=sched/builtin", "MinJobAge=600", "KillWait=30",
+            # MinJobAge: `sbatch --wait` polls the job 2 s, then 8 s after, then every 32 s unless 4x its sleep
+            # would exceed MinJobAge/2: 16 keeps it at 8 s, so a job's end is seen within 8 s, not 32 s (half
+            # a minute per job in the tests), and scontrol still remembers the job when launch asks why it ended
+            "SchedulerType=sched/builtin", "MinJobAge=16", "KillWait=30",
             f"NodeName=localhost CPUs={self.cpus} State=UNKNOWN",
             "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
         ]) + "\n")

@@ -2,23 +2,28 @@
 
 `make test-slurm` (not in `make test`): installs slurm-wlm and munge with apt when missing,
 starts munged + slurmctld + slurmd in a temp dir, and stops them after. One node x 2 CPU
-tasks (gloo), a tiny train run through sbatch --wait, SIGTERM -> scancel -> checkpoint -> resume.
+tasks (gloo), a tiny train run through sbatch --wait, SIGTERM -> scancel -> checkpoint -> resume;
+then the same through Dagster: the pipeline as Slurm jobs, and a cancel from `dagster dev` mid-job.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from nanoforge.training.checkpoint import list_checkpoints
-from tests.conftest import REPO
+from tests.conftest import REPO, tool
 from tests.slurm.cluster import Cluster, ClusterUnavailable
 from tests.test_launch import launch, make_workdir, write_params
 
@@ -149,3 +154,128 @@ def test_the_pipeline_through_dagster_runs_train_and_evaluate_as_slurm_jobs(clus
     details = json.loads((project / "artifacts/train/details.json").read_text())
     assert details["world_size"] == 2
     assert not any((project / ".pipes").iterdir())  # each step's channel is removed when it ends
+
+
+@contextlib.contextmanager
+def dagster_dev(root: Path, env: dict[str, str]):
+    """`dagster dev` on a free port over the project `root`; yields (gql, the repository selector, its log
+    file, which also gets the steps' output); stopped after."""
+    import requests
+
+    log_path = root.parent / "dagster-dev.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([tool("dagster"), "dev", "-h", "127.0.0.1", "-p", str(port := free_port())], cwd=root,
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def gql(query: str, variables: dict | None = None) -> dict:
+        answer = requests.post(f"http://127.0.0.1:{port}/graphql", json={"query": query, "variables": variables or {}},
+                               timeout=30).json()
+        assert "errors" not in answer, answer
+        return answer["data"]
+
+    try:
+        deadline, nodes = time.monotonic() + 180, None
+        while time.monotonic() < deadline and proc.poll() is None and not nodes:
+            try:
+                nodes = gql(REPOS)["repositoriesOrError"].get("nodes")
+            except (requests.RequestException, ValueError, AssertionError):
+                time.sleep(1)
+        assert nodes, log_path.read_text()[-3000:]
+        selector = {"repositoryLocationName": nodes[0]["location"]["name"], "repositoryName": nodes[0]["name"]}
+        yield gql, selector, log_path
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # dagster dev stops with its process group, not its pid
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+REPOS = "{ repositoriesOrError { ... on RepositoryConnection { nodes { name location { name } } } } }"
+CANCEL_STEPS = 80  # the cancel lands some 10 steps after step 5 (a second or two); the resume runs the rest
+
+
+def wait_until(what, timeout: float, why) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, why()
+        time.sleep(0.5)
+
+
+def test_cancelling_the_train_asset_in_dagster_scancels_the_job_and_a_rerun_resumes(cluster, tmp_path):
+    """issue 17: a cancel in Dagster's UI (GraphQL terminateRun, what its button sends) reaches the
+    Slurm job as scancel --signal=TERM: the job checkpoints, the run is CANCELED, and the next
+    run of the asset resumes from that checkpoint on the cluster and finishes."""
+    import dagster as dg
+
+    from tests.conftest import make_project
+    from tests.datagen import make_eval_bundle, make_fineweb
+    from tests.test_pipelines import LAUNCH, STATUS, TERMINATE
+    from tests.test_pipelines_e2e import TINY
+
+    mirror = tmp_path / "mirror"
+    make_fineweb(mirror, train=(0, 1), val=1822, docs_per_shard=300, manifest=False)
+    make_eval_bundle(mirror / "eval_bundle", items_per_task=8)
+    project = make_project(tmp_path / "project", {
+        **TINY, "train.device_batch_size": 2, "train.num_iterations": CANCEL_STEPS,
+        "train.eval_every": CANCEL_STEPS,  # once, at the end: the asset's val_bpb check needs it
+        "launch.launcher": "slurm", "launch.tasks_per_node": 2, "launch.partition": "debug",
+        "launch.rdzv_port": free_port()})
+    home = tmp_path / "dagster"
+    home.mkdir()
+    shutil.copy(REPO / ".dagster/dagster.yaml", home / "dagster.yaml")
+    env = {**os.environ, **cluster.env, "DAGSTER_HOME": str(home), "NANOFORGE_TRACKING": "off", "OMP_NUM_THREADS": "1",
+           "NANOFORGE_MIRROR": str(mirror), "NANOFORGE_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("PYTHONPATH", None)
+    # train's inputs, made here (the test is about train's run, not the data assets) while dagster dev starts
+    prep: list[subprocess.CompletedProcess] = []
+
+    def make_inputs() -> None:
+        for cmd in ([sys.executable, "-m", "stages.download"], [tool("dvc"), "repro", "--single-item", "tokenizer"]):
+            prep.append(subprocess.run(cmd, cwd=project, env=env, capture_output=True, text=True, timeout=300))
+            if prep[-1].returncode != 0:
+                return
+
+    maker = threading.Thread(target=make_inputs)
+    maker.start()
+    instance = dg.DagsterInstance.from_config(str(home))
+    with dagster_dev(project, env) as (gql, selector, log):
+        maker.join(timeout=300)
+        assert len(prep) == 2 and all(p.returncode == 0 for p in prep), [p.stdout[-2000:] + p.stderr[-2000:] for p in prep]
+        params = {"selector": {**selector, "jobName": "pipeline", "assetSelection": [{"path": ["train"]}]}}
+        run_id = gql(LAUNCH, {"p": params})["launchRun"]["run"]["runId"]
+
+        def job_id() -> str | None:  # the run shows the job while it runs: an observation of the asset
+            for entry in instance.all_logs(run_id, of_type=dg.DagsterEventType.ASSET_OBSERVATION):
+                value = entry.dagster_event.event_specific_data.asset_observation.metadata.get("slurm_job_id")
+                if value is not None:
+                    return value.value
+
+        def job_log() -> str:
+            return "".join(p.read_text(errors="replace") for p in (project / "artifacts/slurm").glob("train-*.out"))
+
+        wait_until(lambda: job_id() and "step 00005/" in job_log(), 240, lambda: log.read_text()[-4000:])
+        job = job_id()
+        assert gql(TERMINATE, {"id": run_id})["terminateRun"]["__typename"] == "TerminateRunSuccess"
+        status = lambda rid: gql(STATUS, {"id": rid})["runOrError"]["status"]  # noqa: E731
+        wait_until(lambda: status(run_id) in ("SUCCESS", "FAILURE", "CANCELED"), 240, lambda: log.read_text()[-4000:])
+        assert status(run_id) == "CANCELED", log.read_text()[-4000:]
+        queued = subprocess.run(["squeue", "-h", "-j", job], env=env, capture_output=True, text=True)
+        assert queued.stdout.strip() == "", queued.stdout  # the job has ended, not left running
+        said = log.read_text()  # the stage's output, as the run's logs show it: launch's lines and the job's
+        assert f"scancel --signal=TERM {job}" in said, said[-4000:]
+        assert f"slurm: job {job} stopped on request: state FAILED, exit 143:0" in said, said[-4000:]
+        assert "checkpoint saved, run the same command to resume" in job_log(), job_log()[-3000:]
+        (saved,) = list_checkpoints(project / "artifacts/checkpoints")
+        stopped_at = int(saved.name.split("_")[1])
+        assert 5 <= stopped_at < CANCEL_STEPS and not (project / "artifacts/model").exists()
+        # DVC released its lock and recorded nothing: the next run resumes on the cluster
+        again = gql(LAUNCH, {"p": params})["launchRun"]["run"]["runId"]
+        wait_until(lambda: status(again) in ("SUCCESS", "FAILURE", "CANCELED"), 300, lambda: log.read_text()[-4000:])
+        assert status(again) == "SUCCESS", log.read_text()[-4000:]
+    assert f"resuming from artifacts/checkpoints/step_{stopped_at:06d}" in job_log(), job_log()[-3000:]
+    steps = (project / "artifacts/train/steps.csv").read_text().splitlines()[1:]
+    assert [int(line.split(",")[0]) for line in steps] == list(range(1, CANCEL_STEPS + 1))
+    assert len(list((project / "artifacts/slurm").glob("train-*.sbatch"))) == 2

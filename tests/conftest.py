@@ -149,7 +149,9 @@ def make_project(root: Path, params: dict | None = None) -> Path:
             for part in parents:
                 node = node[part]
             node[leaf] = value
-        (root / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+        from nanoforge.presets import _Dumper  # quotes what our reader would take for a number ('3e12')
+
+        (root / "params.yaml").write_text(yaml.dump(tree, Dumper=_Dumper, sort_keys=False))
     run(["git", "init", "-q", "-b", "main"], root)
     run(["git", "config", "user.email", "test@nanoforge"], root)
     run(["git", "config", "user.name", "nanoforge tests"], root)

@@ -818,3 +818,48 @@ def test_a_stage_stopped_by_sigterm_is_stopped_not_failed():
     crashed = failure({"status": "failed", "returncode": 255, "command": "dvc repro train",
                        "output_tail": tail.replace("exited with 143", "exited with 1")}, Outcome(returncode=255))
     assert crashed.metadata["status"].value == "failed" and not interrupted(crashed)
+
+
+# ---------------------------------------------------------------------------
+# the scaling-law sweep (sweep/dvc.yaml): a partition per cell, the fit with its checks
+
+def test_sweep_is_a_grid_of_partitions_and_the_fit_checks_it(tmp_path):
+    from nanoforge.config import SweepConfig
+    from pipelines.defs.sweep import fit_checks, stage_target
+    from tests.conftest import make_project
+
+    root = make_project(tmp_path / "p")
+    assert "sweep" not in {k.to_user_string() for k in build_definitions(root).resolve_asset_graph().get_all_asset_keys()}
+    shutil.copytree(REPO / "sweep", root / "sweep")
+    defs = build_definitions(root)
+    cfg = SweepConfig()  # params.yaml's sweep section is the defaults
+    sweep = defs.get_assets_def(dg.AssetKey("sweep"))
+    part = sweep.partitions_def
+    assert isinstance(part, dg.MultiPartitionsDefinition)
+    assert {d.name: d.partitions_def.get_partition_keys() for d in part.partitions_defs} == {
+        "budget": list(cfg.budgets), "depth": [str(d) for d in cfg.depths]}
+    assert len(part.get_partition_keys()) == len(cfg.budgets) * len(cfg.depths)
+    graph = defs.resolve_asset_graph()
+    assert graph.get(dg.AssetKey("scaling_laws")).parent_keys == {dg.AssetKey("sweep")}
+    assert graph.get(dg.AssetKey("sweep")).parent_keys == {dg.AssetKey("tokenizer")}
+    assert stage_target("1e13", "4") == "sweep/dvc.yaml:sweep@1e13-4"  # the name `dvc stage list` gives it
+    fit = defs.get_assets_def(dg.AssetKey("scaling_laws"))
+    assert {k.name for k in fit.check_keys} == {"cells_finished", "fits_finite", "a_plus_b_near_1"}
+    for job in ("pipeline", "retrain"):  # the grid is run on purpose, never by make demo or the nightly job
+        assert dg.AssetKey("sweep") not in defs.resolve_job_def(job).asset_layer.executable_asset_keys
+
+    # the checks read the fit and the cells' rows
+    cfg = SweepConfig(budgets=["1e13", "3e13"], depths=[1, 2, 3])
+    out = root / "artifacts/scaling_laws"
+    out.mkdir(parents=True)
+    (out / "scaling_laws.json").write_text(json.dumps({"a": 0.52, "b": 0.47, "ratio": 20.0, "sum_deviation": -0.01,
+                                                       "sum_check": "a + b = 0.99"}))
+    for name in ("c1e13-d1", "c1e13-d2", "c1e13-d3", "c3e13-d1", "c3e13-d2"):
+        (root / "artifacts/sweep" / name).mkdir(parents=True)
+        (root / "artifacts/sweep" / name / "cell.json").write_text("{}")
+    results = {r.check_name: r for r in fit_checks(root, cfg)}
+    assert not results["cells_finished"].passed and results["cells_finished"].metadata["missing"].value == "c3e13-d3"
+    assert results["fits_finite"].passed and results["a_plus_b_near_1"].passed
+    (out / "scaling_laws.json").write_text(json.dumps({"a": 0.7, "b": float("nan"), "ratio": 3.0, "sum_deviation": 0.4}))
+    results = {r.check_name: r for r in fit_checks(root, cfg)}
+    assert not results["fits_finite"].passed and not results["a_plus_b_near_1"].passed

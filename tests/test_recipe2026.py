@@ -26,15 +26,24 @@ HEAD_ENV = "NANOFORGE_NANOCHAT_HEAD"
 DEPTH, VOCAB, SEQ, BATCH, STEPS = 4, 512, 256, 2, 10  # SEQ 256: the short windows (128) really slide
 
 
-def nanochat_head():
+def import_nanochat(path: str, monkeypatch):
+    """Import the nanochat package of checkout `path` afresh (the other test may hold another checkout's)."""
+    for name in [m for m in sys.modules if m == "nanochat" or m.startswith("nanochat.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(path)
+    import nanochat.gpt
+
+    return nanochat
+
+
+def nanochat_head(monkeypatch):
     """The nanochat package of the checkout in $NANOFORGE_NANOCHAT_HEAD, or a skip that says why."""
     path = os.environ.get(HEAD_ENV)
     if not path:
         pytest.skip(f"set {HEAD_ENV} to a checkout of karpathy/nanochat (checked at 92d63d4) to compare with it")
     if not (Path(path) / "nanochat" / "optim.py").exists():
         pytest.skip(f"{HEAD_ENV}={path}: no nanochat/optim.py there (HEAD's layout, 2026)")
-    sys.path.insert(0, path)
-    import nanochat.gpt
+    nanochat = import_nanochat(path, monkeypatch)
     import nanochat.optim
 
     return nanochat
@@ -72,7 +81,7 @@ def head_schedules(it: int, n: int, warmup: int, warmdown_ratio: float, final: f
 
 @pytest.mark.cluster  # ~2 min on 2 loaded cores (nanochat's eager optimizer and ours, 10 steps each)
 def test_2026_matches_nanochat_head(monkeypatch):
-    nanochat = nanochat_head()
+    nanochat = nanochat_head(monkeypatch)
     from nanochat.gpt import GPT as HeadGPT, GPTConfig as HeadConfig
 
     opt_mod = nanochat.optim
@@ -209,3 +218,61 @@ def test_crossing_recipes_names_the_changed_keys():
     assert not any(d.startswith("train.window_pattern") for d in diff)  # overridden back to 2025's
     # a checkpoint from before the recipe keys existed was a 2025 run: it resumes a 2025 run unchanged
     assert compat_diff({**RECIPE_2025_COMPAT}, compat25) == []
+
+
+FW_ENV = "NANOFORGE_NANOCHAT_FW"
+
+
+@pytest.mark.cluster  # ~1 min on 2 loaded cores (bf16 Newton-Schulz on CPU, both sides)
+def test_2025_default_still_matches_nanochat_fineweb(monkeypatch):
+    """The default recipe against nanochat's FineWeb-era code (10231df, in $NANOFORGE_NANOCHAT_FW): the same
+    names and shapes, bit-identical init, the same 10 losses (base_train's schedules and grad clip 1.0)."""
+    path = os.environ.get(FW_ENV)
+    if not path or not (Path(path) / "nanochat" / "muon.py").exists():
+        pytest.skip(f"set {FW_ENV} to a checkout of karpathy/nanochat at 10231df (nanochat/muon.py) to compare with it")
+    nanochat = import_nanochat(path, monkeypatch)
+    import nanochat.muon
+    from nanochat.gpt import GPT as FwGPT, GPTConfig as FwConfig
+
+    monkeypatch.setattr(nanochat.muon, "zeropower_via_newtonschulz5",
+                        nanochat.muon.zeropower_via_newtonschulz5._torchdynamo_orig_callable)
+    depth, vocab, seq, batch, steps = 2, 512, 64, 2, 10
+    cfg = TrainConfig(depth=depth, max_seq_len=seq, device_batch_size=batch, total_batch_size=batch * seq,
+                      num_iterations=steps, warmdown_ratio=0.2)
+    config = config_for_depth(depth, vocab, seq, **cfg.model_options())
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        fw = FwGPT(FwConfig(sequence_len=seq, vocab_size=vocab, n_layer=depth, n_head=config.n_head,
+                            n_kv_head=config.n_kv_head, n_embd=config.n_embd))
+    fw.to_empty(device="cpu")
+    fw.init_weights()
+    torch.manual_seed(0)
+    ours = build_model(config)
+    fp, op = dict(fw.named_parameters()), dict(ours.named_parameters())
+    assert list(fp) == list(op) and all(torch.equal(fp[k], op[k]) for k in fp)
+    fw_opts = fw.setup_optimizers(unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0)
+    ours_opts = build_for_config(ours, cfg)
+    gen, worst = torch.Generator().manual_seed(1), 0.0
+    for step in range(steps):
+        x = torch.randint(0, vocab, (batch, seq), generator=gen)
+        y = torch.randint(0, vocab, (batch, seq), generator=gen)
+        lrm = lr_multiplier(step, steps, 0.0, 0.2, 0.0)  # base_train 10231df: no warmup, 20% warmdown to 0
+        momentum = min(step / 300, 1) * 0.95 + (1 - min(step / 300, 1)) * 0.85  # base_train's get_muon_momentum
+        assert momentum_for(cfg, step, steps) == pytest.approx(momentum)
+        losses = []
+        for model, opts in ((fw, fw_opts), (ours, ours_opts)):
+            loss = model(x, y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            for opt in opts:  # base_train's loop (ours: apply_schedules does the same)
+                for group in opt.param_groups:
+                    group["lr"] = group["initial_lr"] * lrm
+                    if "momentum" in group:
+                        group["momentum"] = momentum
+            for opt in opts:
+                opt.step()
+            model.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        worst = max(worst, abs(losses[1] - losses[0]))
+        assert losses[1] == pytest.approx(losses[0], rel=2e-3), step
+    print(f"max |loss difference| over {steps} steps vs nanochat 10231df: {worst:.2e}")

@@ -6,6 +6,7 @@ One clean run (module fixture) is the reference every other run is compared agai
 from __future__ import annotations
 
 import csv
+import math
 import os
 import random
 import re
@@ -486,3 +487,42 @@ def test_sigterm_to_torchrun_saves_resumes_and_exits_143_in_one_line(clean, temp
     run_train(root, nproc=2, NANOFORGE_TRACKING="off")
     for a, b in zip(read_csv(root / "artifacts/train/steps.csv"), read_csv(clean / "artifacts/train/steps.csv"), strict=True):
         assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-3, abs=1e-5), a["step"]
+
+
+def test_a_2026_recipe_never_resumes_a_2025_checkpoint_and_names_the_keys(clean, template, tmp_path):
+    # issue 14: train.recipe and its options change the math; the plan says which ones changed
+    from nanoforge.config import TrainConfig
+    from nanoforge.training.plan import plan_run
+
+    root = clone(template, tmp_path / "w")
+    shutil.copytree(clean / "artifacts/checkpoints", root / "artifacts/checkpoints")
+    os.chdir(root)
+    try:
+        assert plan_run(TrainConfig(**TINY), 1, "auto", None).resume_from is not None
+        plan = plan_run(TrainConfig(**TINY, recipe="2026", smear=False), 1, "auto", None)
+    finally:
+        os.chdir(REPO)
+    assert plan.resume_from is None
+    assert "train.recipe: '2025' -> '2026'" in plan.restart and "train.value_embeds: False -> True" in plan.restart
+    assert "train.normuon: False -> True" in plan.restart
+    assert not any(d.startswith("train.smear") for d in plan.restart)  # overridden back to 2025's value
+
+
+@pytest.mark.cluster  # two training runs
+def test_a_2026_recipe_run_trains_and_resumes(clean, template, tmp_path):
+    root = clone(template, tmp_path / "w")
+    shutil.copytree(clean / "artifacts/checkpoints", root / "artifacts/checkpoints")
+    write_params(root, recipe="2026", num_iterations=6, save_every=2)
+    new = run_train(root, NANOFORGE_TRACKING="off")
+    line = next(line for line in new.stderr.splitlines() if "new run, starting fresh" in line)
+    assert "train.recipe: '2025' -> '2026'" in line and "train.window_pattern: 'L' -> 'SSSL'" in line
+    losses = [float(r["loss"]) for r in read_csv(root / "artifacts/train/steps.csv")]
+    assert len(losses) == 6 and all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    model, config = load_model(root / "artifacts/model")
+    assert config["model"]["value_embeds"] is True and hasattr(model, "value_embeds")
+    # resume from step 4 (its Muon2026 state: momentum and NorMuon second moments): the same last steps
+    shutil.rmtree(root / "artifacts/checkpoints/step_000006")
+    again = run_train(root, NANOFORGE_TRACKING="off")
+    assert "resuming from artifacts/checkpoints/step_000004" in again.stderr, again.stderr[-2000:]
+    resumed = [float(r["loss"]) for r in read_csv(root / "artifacts/train/steps.csv")]
+    assert resumed == losses

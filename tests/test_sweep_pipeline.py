@@ -153,13 +153,24 @@ def sweep_project(tmp_path, monkeypatch):
 
 
 @pytest.mark.cluster
-def test_cells_cache_and_rerun_as_the_grid_and_recipe_change(sweep_project):
+def test_cells_cache_and_rerun_as_the_grid_and_recipe_change(sweep_project, monkeypatch, tmp_path):
     project = sweep_project
+    monkeypatch.delenv("NANOFORGE_TRACKING")  # MLflow on: one parent for the sweep, a child run per cell
     two = ["sweep/dvc.yaml:sweep@3e10-1", "sweep/dvc.yaml:sweep@3e10-2"]
     first = run([tool("dvc"), "repro", *two], project, timeout=600).stdout
     assert ran_cells(first) == ["3e10-1", "3e10-2"]
     row = json.loads((project / "artifacts/sweep/c3e10-d1/cell.json").read_text())
     assert row["name"] == "c3e10-d1" and row["val_bpb"] > 0 and row["tokens_trained"] == row["tokens"]
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("nanoforge").experiment_id])
+    cells = {r.data.tags.get("sweep.name"): r for r in runs if r.data.tags.get("sweep.name")}
+    assert set(cells) == {"c3e10-d1", "c3e10-d2"}
+    parents = {r.data.tags["mlflow.parentRunId"] for r in cells.values()}
+    assert len(parents) == 1 and client.get_run(parents.pop()).data.tags["nanoforge.kind"] == "sweep"
+    assert cells["c3e10-d1"].data.tags["mlflow.runName"] == "cell c3e10-d1"
+    monkeypatch.setenv("NANOFORGE_TRACKING", "off")
     assert (project / "artifacts/sweep/c3e10-d1/checkpoints").is_dir()
     assert not (project / "artifacts/checkpoints").exists()  # never the main train stage's folder
 
@@ -170,9 +181,9 @@ def test_cells_cache_and_rerun_as_the_grid_and_recipe_change(sweep_project):
 
     # the recipe changes: every cell runs again (and starts fresh, not from the old checkpoint)
     set_params(project, **{"train.seed": 7})
-    changed = run([tool("dvc"), "repro", *two], project, timeout=600).stdout
-    assert ran_cells(changed) == ["3e10-1", "3e10-2"]
-    assert "new run, starting fresh" in changed
+    changed = run([tool("dvc"), "repro", *two], project, timeout=600)
+    assert ran_cells(changed.stdout) == ["3e10-1", "3e10-2"]
+    assert "new run, starting fresh" in changed.stdout + changed.stderr  # the train log
 
 
 @pytest.mark.cluster
@@ -191,6 +202,6 @@ def test_a_killed_cell_resumes_from_its_checkpoint(sweep_project):
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: train saves a checkpoint and stops
     proc.communicate(timeout=120)
     assert any(ckpt.glob("step_*")) and not (project / "artifacts/sweep/c3e10-d1/cell.json").exists()
-    out = run([tool("dvc"), "repro", target], project, timeout=600).stdout
-    assert ran_cells(out) == ["3e10-1"] and "resum" in out.lower()
+    out = run([tool("dvc"), "repro", target], project, timeout=600)
+    assert ran_cells(out.stdout) == ["3e10-1"] and "resum" in (out.stdout + out.stderr).lower()
     assert json.loads((project / "artifacts/sweep/c3e10-d1/cell.json").read_text())["val_bpb"] > 0

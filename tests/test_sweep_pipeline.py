@@ -98,8 +98,10 @@ def test_sweep_stages_list_the_modules_they_import(tmp_path):
 
 
 def test_dvc_names_the_cells_as_the_grid_does(tmp_path):
-    project = make_project(tmp_path / "p")
+    project = tmp_path  # no git, no stages of dvc.yaml: only what `dvc stage list` reads
     shutil.copytree(REPO / "sweep", project / "sweep")
+    shutil.copy(REPO / "params.yaml", project / "params.yaml")
+    run([tool("dvc"), "init", "-q", "--no-scm"], project)
     out = run([tool("dvc"), "stage", "list", "sweep/dvc.yaml"], project).stdout
     params = load_params(project / "params.yaml")
     for budget in params.sweep.budgets:
@@ -205,3 +207,45 @@ def test_a_killed_cell_resumes_from_its_checkpoint(sweep_project):
     out = run([tool("dvc"), "repro", target], project, timeout=600)
     assert ran_cells(out.stdout) == ["3e10-1"] and "resum" in (out.stdout + out.stderr).lower()
     assert json.loads((project / "artifacts/sweep/c3e10-d1/cell.json").read_text())["val_bpb"] > 0
+
+
+def test_the_fit_stage_writes_the_laws_plots_and_page(tmp_path, monkeypatch):
+    """scaling_laws on the rows of a finished grid (Chinchilla's synthetic loss for each cell's N and
+    tokens, no training): the JSON, the metrics, the three charts and the page with them embedded."""
+    from nanoforge.sweep.pipeline import cell_dir
+    from stages import scaling_laws
+    from tests.test_sweep_fit import loss
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NANOFORGE_TRACKING", "off")
+    params_with(tmp_path, budgets=["1e18", "2.15e18", "4.64e18", "1e19"], depths=[6, 8, 10, 12, 14, 16, 20],
+                bootstrap=50)
+    raw = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    raw["tokenizer"]["vocab_size"], raw["train"]["max_seq_len"], raw["train"]["total_batch_size"] = 65536, 2048, 524288
+    raw["train"]["device_batch_size"] = 32
+    (tmp_path / "params.yaml").write_text(dump(raw))
+    params = load_params("params.yaml")
+    cells = grid_of(params)
+    for cell in cells:
+        n = cell.params("no_embedding")
+        row = {**cell.to_dict(), **{f"params_{c}": cell.params(c) for c in ("total", "no_embedding", "transformer")},
+               "val_bpb": loss(n, cell.tokens), "tokens_trained": cell.tokens}
+        cell_dir(cell).mkdir(parents=True)
+        (cell_dir(cell) / "cell.json").write_text(json.dumps(row))
+        (cell_dir(cell) / "train").mkdir()
+        (cell_dir(cell) / "train/val.csv").write_text(
+            f"step,flops,val_bpb\n0,0,4.0\n1,{cell.flops / 2},3.0\n2,{cell.flops},{row['val_bpb']}\n")
+    missing = cell_dir(cells[-1]) / "cell.json"
+    saved = missing.read_text()
+    missing.unlink()
+    assert scaling_laws.main([]) == 2  # a cell unfinished: refused, naming it
+    missing.write_text(saved)
+    assert scaling_laws.main([]) == 0
+    fit = json.loads((tmp_path / "artifacts/scaling_laws/scaling_laws.json").read_text())
+    assert 0.3 < fit["a"] < 0.7 and 0.3 < fit["b"] < 0.7 and len(fit["budgets"]) == 4 and len(fit["cells"]) == 28
+    assert set(json.loads((tmp_path / "artifacts/scaling_laws/metrics.json").read_text())) >= {"a", "b", "ratio"}
+    page = tmp_path / "reports/sweep"
+    assert {p.name for p in page.glob("*.png")} == {"isoflops.png", "frontier.png", "bpb_vs_flops.png"}
+    md, html = (page / "scaling_laws.md").read_text(), (page / "scaling_laws.html").read_text()
+    assert "| a (N* ∝ C^a) |" in md and "![isoflops](isoflops.png)" in md
+    assert html.count("data:image/png;base64,") == 3 and "<table>" in html

@@ -502,14 +502,14 @@ def _budget_text(value: Any) -> Any:
 
 
 class SweepConfig(Section):
-    NOTE = ("the scaling-law sweep (dvc.yaml: the sweep matrix stage, then scaling_laws): every cell trains the "
-            "train section's recipe at one depth to exactly one budget (train.target_flops)")
+    NOTE = ("the scaling-law sweep (sweep/dvc.yaml: a cell stage per budget x depth, then scaling_laws): every cell "
+            "trains the train section's recipe at one depth to exactly one budget (train.target_flops)")
 
     budgets: list[Annotated[str, BeforeValidator(_budget_text)]] = Field(
         ["3e12", "1e13", "3e13"], description="compute budgets C in training FLOPs, quoted, shortest scientific form")
     depths: list[int] = Field([1, 2, 3, 4, 6], description="model depths per budget (at least 3: a parabola each); "
                                                          "5 has no shape (width 320, 3 heads)")
-    core: bool = Field(False, description="also the CORE metric per cell (evaluate's core_* settings; slow on CPU)")
+    core: bool = Field(False, description="also the CORE metric per cell: not yet (val BPB is the sweep's metric)")
     params_convention: Literal["total", "no_embedding", "transformer"] = Field(
         "no_embedding", description="what counts as N in the fit (nanochat's notebook: no_embedding)")
     min_steps: int = Field(10, ge=1, description="a cell with fewer optimizer steps is refused before any work")
@@ -519,6 +519,9 @@ class SweepConfig(Section):
 
     @model_validator(mode="after")
     def _valid(self):
+        if self.core:  # refused rather than ignored: the evaluate stage reads artifacts/model, not a cell's model
+            raise ValueError("sweep.core: true is not supported yet: the cells are compared on val BPB; "
+                             "run the evaluate stage on a cell's model by hand for its CORE")
         for text in self.budgets:
             try:
                 value = float(text)

@@ -249,3 +249,8 @@ def test_the_fit_stage_writes_the_laws_plots_and_page(tmp_path, monkeypatch):
     md, html = (page / "scaling_laws.md").read_text(), (page / "scaling_laws.html").read_text()
     assert "| a (N* ∝ C^a) |" in md and "![isoflops](isoflops.png)" in md
     assert html.count("data:image/png;base64,") == 3 and "<table>" in html
+
+
+def test_core_per_cell_is_refused_not_ignored(tmp_path):
+    with pytest.raises(ConfigError, match=r"sweep\.core: true is not supported yet"):
+        load_params(params_with(tmp_path, core=True))

@@ -307,7 +307,6 @@ class TrainConfig(Section):
         """The recipe options that shape the model, as GPTConfig fields."""
         return {field: self.option(name) for name, field in MODEL_OPTIONS.items()}
 
-
     @model_validator(mode="after")
     def _consistent(self):
         if self.warmup_ratio + self.warmdown_ratio > 1:

@@ -35,7 +35,6 @@ from nanoforge.training.checkpoint import CheckpointError, compat_diff, latest_c
 RESUME_ENV = "NANOFORGE_RESUME"  # auto (default) | fresh
 INIT_ENV = "NANOFORGE_INIT_FROM"
 RUN_DIR_ENV = "NANOFORGE_RUN_DIR"  # set: the run writes {checkpoints,model,train} under it
-RUN_DIR_ENV = "NANOFORGE_RUN_DIR"  # set: the run writes {checkpoints,model,train} under it
 ONEOFF_DIR = ARTIFACTS_DIR / "oneoff"
 # the params that change the math (what compat_key holds, plus what sets the horizon)
 MATH_KEYS = ("depth", "n_kv_head", "max_seq_len", "total_batch_size", "seed", "matrix_lr", "embedding_lr",

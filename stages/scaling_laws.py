@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 
 from nanoforge.config import ConfigError, resolve, stage_parser
+from nanoforge.sweep.fit import FitError
 from nanoforge.sweep.pipeline import open_parent
 from nanoforge.sweep.results import FIT_FILE, PAGE_DIR, collect, draw, fit, log_to_parent, summary, write_all
 
@@ -24,14 +25,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = resolve("sweep", args)
         rows = collect(params)
-        result = fit(params, rows)
-    except ConfigError as exc:
+        result, finding = fit(params, rows)
+    except (ConfigError, FitError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    figures = draw(result, rows)
-    s = summary(params, result, rows)
+    figures = draw(result, rows, params=params.sweep.params_convention)
+    s = summary(params, result, rows, finding)
     write_all(s, figures)
     log_to_parent(open_parent(params), s, figures)
+    if result is None:  # the cells are results; the page says what the grid lacks (Dagster's fits_finite fails)
+        print(f"[scaling_laws] warning: no scaling law from this grid: {finding}", file=sys.stderr, flush=True)
+        print(f"[scaling_laws] -> {FIT_FILE}, {PAGE_DIR}/scaling_laws.html (the cells and the measured curves)")
+        return 0
     print(f"[scaling_laws] a = {s['a']:.3f} [{s['a_low']:.3f}, {s['a_high']:.3f}], b = {s['b']:.3f} "
           f"[{s['b_low']:.3f}, {s['b_high']:.3f}], D*/N* = {s['ratio']:.3g}; {s['sum_check']}", flush=True)
     print(f"[scaling_laws] -> {FIT_FILE}, {PAGE_DIR}/scaling_laws.html", flush=True)

@@ -13,6 +13,7 @@ killed after its checkpoint resumes from it.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 import subprocess
@@ -249,6 +250,29 @@ def test_the_fit_stage_writes_the_laws_plots_and_page(tmp_path, monkeypatch):
     md, html = (page / "scaling_laws.md").read_text(), (page / "scaling_laws.html").read_text()
     assert "| a (N* ∝ C^a) |" in md and "![isoflops](isoflops.png)" in md
     assert html.count("data:image/png;base64,") == 3 and "<table>" in html
+
+
+def test_a_grid_without_an_interior_minimum_is_a_finding_with_the_curves_not_a_crash(tmp_path, monkeypatch):
+    """What the tiny CPU grid gives at budgets this machine trains in minutes: every isoFLOP curve falls toward
+    the smallest model. The stage still writes the cells, the measured curves and what to change."""
+    from nanoforge.sweep.pipeline import cell_dir
+    from stages import scaling_laws
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("NANOFORGE_TRACKING", "off")
+    params_with(tmp_path, budgets=["3e10", "6e10", "1.2e11"], depths=[1, 2, 3], bootstrap=0, min_steps=1)
+    for cell in grid_of(load_params("params.yaml")):
+        row = {**cell.to_dict(), **{f"params_{c}": cell.params(c) for c in ("total", "no_embedding", "transformer")},
+               "val_bpb": 3.0 + 0.3 * cell.depth - 0.1 * math.log10(cell.budget / 3e10), "tokens_trained": cell.tokens}
+        cell_dir(cell).mkdir(parents=True)
+        (cell_dir(cell) / "cell.json").write_text(json.dumps(row))
+    assert scaling_laws.main([]) == 0
+    fit = json.loads((tmp_path / "artifacts/scaling_laws/scaling_laws.json").read_text())
+    assert fit["a"] is None and "smaller than the smallest model" in fit["finding"] and len(fit["cells"]) == 9
+    assert json.loads((tmp_path / "artifacts/scaling_laws/metrics.json").read_text()) == {}
+    md = (tmp_path / "reports/sweep/scaling_laws.md").read_text()
+    assert "**No scaling law from this grid**" in md and "raise `sweep.budgets`" in md and "| c3e10-d1 |" in md
+    assert {p.name for p in (tmp_path / "reports/sweep").glob("*.png")} == {"isoflops.png"}  # no val curves here
 
 
 def test_core_per_cell_is_refused_not_ignored(tmp_path):

@@ -86,6 +86,27 @@ def frontier(fit: ScalingFit, path: Path) -> bool:
     return True
 
 
+def isoflop_points(rows: Sequence[Mapping], params_key: str, path: Path) -> bool:
+    """The measured isoFLOP curves without a fit (none was possible): val BPB against params per budget."""
+    if not rows:
+        return False
+    budgets = sorted({float(r["budget"]) for r in rows})
+    colours = _colours(budgets)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for budget in budgets:
+        mine = sorted((float(r[params_key]), float(r["val_bpb"])) for r in rows if float(r["budget"]) == budget)
+        ax.plot([n for n, _ in mine], [y for _, y in mine], color=colours[budget], marker="o", linewidth=1.0,
+                label=f"C = {budget:.3g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters N")
+    ax.set_ylabel("val bits per byte")
+    ax.set_title("IsoFLOP curves as measured (no fit: see the page)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return True
+
+
 def bpb_vs_flops(cells: Sequence[Mapping], path: Path) -> bool:
     """Val BPB against training FLOPs for every cell: dicts with budget, flops, val_bpb (lists), optional depth."""
     drawn = [c for c in cells if any(v is not None for v in c.get("val_bpb", []))]

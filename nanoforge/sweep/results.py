@@ -53,28 +53,47 @@ def val_curve(name: str) -> tuple[list[float], list[float]]:
     return flops, bpb
 
 
-def fit(params: Params, rows: list[dict]) -> ScalingFit:
+def fit(params: Params, rows: list[dict]) -> tuple[ScalingFit | None, str | None]:
+    """(the fit, None), or (None, why not) when the finished cells hold no law: an isoFLOP minimum at the
+    grid's edge, a curve that bends down. Those are findings about the grid, not broken inputs: the
+    stage still writes the cells, the raw curves and what to change (bad rows still raise)."""
     sw = params.sweep
+    points = points_from_rows(rows, f"params_{sw.params_convention}")
     try:
-        return fit_scaling(points_from_rows(rows, f"params_{sw.params_convention}"), sw.bootstrap, sw.seed)
+        return fit_scaling(points, sw.bootstrap, sw.seed), None
     except FitError as exc:
-        raise ConfigError(f"sweep fit: {exc}") from None
+        return None, str(exc)
 
 
-def draw(result: ScalingFit, rows: list[dict], out: Path = PAGE_DIR) -> list[Path]:
+def draw(result: ScalingFit | None, rows: list[dict], out: Path = PAGE_DIR, params: str = "no_embedding") -> list[Path]:
     from nanoforge.sweep import plots
 
     curves = [{"budget": r["budget"], "depth": r["depth"], **dict(zip(("flops", "val_bpb"), val_curve(r["name"])))}
               for r in rows]
-    drawn = [plots.isoflops(result, out / FIGURES[0]), plots.frontier(result, out / FIGURES[1]),
-             plots.bpb_vs_flops(curves, out / FIGURES[2])]
+    if result is None:  # no parabolas to draw: the measured isoFLOP points, so the edge minimum shows
+        drawn = [plots.isoflop_points(rows, f"params_{params}", out / FIGURES[0]), False,
+                 plots.bpb_vs_flops(curves, out / FIGURES[2])]
+    else:
+        drawn = [plots.isoflops(result, out / FIGURES[0]), plots.frontier(result, out / FIGURES[1]),
+                 plots.bpb_vs_flops(curves, out / FIGURES[2])]
+    for name, ok in zip(FIGURES, drawn):
+        if not ok:
+            (out / name).unlink(missing_ok=True)  # an earlier run's chart would describe another fit
     return [out / f for f, ok in zip(FIGURES, drawn) if ok]
 
 
-def summary(params: Params, result: ScalingFit, rows: list[dict]) -> dict:
+NO_FIT_KEYS = ("a", "a_stderr", "a_low", "a_high", "b", "b_stderr", "b_low", "b_high", "ratio", "ratio_low",
+               "ratio_high", "sum_deviation")
+
+
+def summary(params: Params, result: ScalingFit | None, rows: list[dict], finding: str | None = None) -> dict:
+    common = {"sum_tolerance": params.sweep.sum_tolerance, "params_convention": params.sweep.params_convention,
+              "cells": rows}
+    if result is None:
+        return {**{k: None for k in NO_FIT_KEYS}, "level": 0.0, "budgets": [], "sum_ok": False,
+                "sum_check": f"no fit: {finding}", "finding": finding, **common}
     ok, sentence = check_sum(result, params.sweep.sum_tolerance)
-    return {**result.to_dict(), "sum_ok": ok, "sum_check": sentence, "sum_tolerance": params.sweep.sum_tolerance,
-            "params_convention": params.sweep.params_convention, "cells": rows}
+    return {**result.to_dict(), "sum_ok": ok, "sum_check": sentence, "finding": None, **common}
 
 
 def _fmt(x: float, spec: str = ".3f") -> str:
@@ -82,6 +101,8 @@ def _fmt(x: float, spec: str = ".3f") -> str:
 
 
 def page_markdown(s: dict, figures: list[Path]) -> str:
+    if s.get("finding"):
+        return no_fit_markdown(s, figures)
     level = int(round(s["level"] * 100))
     lines = [
         "# Scaling laws", "",
@@ -97,10 +118,25 @@ def page_markdown(s: dict, figures: list[Path]) -> str:
     ]
     lines += [f"| {b['budget']:.3g} | {b['n_star']:.3g} | {b['d_star']:.3g} | {b['ratio']:.3g} | {b['bpb_star']:.4f} |"
               for b in s["budgets"]]
-    lines += ["", "| cell | depth | N | steps | tokens | val BPB |", "|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['name']} | {r['depth']} | {r['params_' + s['params_convention']]:,} | {r['num_iterations']} | "
-              f"{r['tokens_trained']:,} | {r['val_bpb']:.4f} |" for r in s["cells"]]
+    lines += [""] + cells_table(s)
     lines += [""] + [f"![{p.stem}]({p.name})" for p in figures]
+    return "\n".join(lines) + "\n"
+
+
+def cells_table(s: dict) -> list[str]:
+    lines = ["| cell | depth | N | steps | tokens | val BPB |", "|---|---:|---:|---:|---:|---:|"]
+    return lines + [f"| {r['name']} | {r['depth']} | {r['params_' + s['params_convention']]:,} | {r['num_iterations']} | "
+                    f"{r['tokens_trained']:,} | {r['val_bpb']:.4f} |" for r in s["cells"]]
+
+
+def no_fit_markdown(s: dict, figures: list[Path]) -> str:
+    lines = ["# Scaling laws", "",
+             f"{len(s['cells'])} cells, N = params ({s['params_convention']}). **No scaling law from this grid**: "
+             f"{s['finding']}.", "",
+             "An isoFLOP minimum at the smallest model means every model of the grid is larger than compute-optimal "
+             "at these budgets: raise `sweep.budgets` (or add smaller models); at the largest, the opposite. The "
+             "measured points are below; the cells stay cached, so a wider grid trains only its new cells.", ""]
+    lines += cells_table(s) + [""] + [f"![{p.stem}]({p.name})" for p in figures]
     return "\n".join(lines) + "\n"
 
 

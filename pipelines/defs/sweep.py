@@ -61,7 +61,8 @@ def fit_checks(root: Path, cfg: SweepConfig) -> list[dg.AssetCheckResult]:
         dg.AssetCheckResult(check_name="cells_finished", passed=done == names, metadata={
             "finished": len(done), "cells": len(names), "missing": ", ".join(sorted(names - done)) or "none"}),
         dg.AssetCheckResult(check_name="fits_finite", passed=finite,
-                            metadata={k: float(v) for k, v in numbers.items() if isinstance(v, (int, float))}),
+                            metadata={**{k: float(v) for k, v in numbers.items() if isinstance(v, (int, float))},
+                                      "finding": fit.get("finding") or ("no fit yet" if not fit else "fitted")}),
         dg.AssetCheckResult(check_name="a_plus_b_near_1", passed=near, severity=dg.AssetCheckSeverity.WARN,
                             metadata={"finding": fit.get("sum_check", "no fit"),
                                       "tolerance": cfg.sum_tolerance}),

@@ -15,7 +15,11 @@ Notable:
   BPE trained on shard 0), as one BOS-separated token stream cut into rows, in the same order for
   every variant; val BPB over the first 64 rows of the val shard (nanochat's bits per byte).
 - tok/s is the training step's (forward, backward, optimizer), on whatever else this machine runs:
-  the load average is recorded with it.
+  the load average is recorded with it. The 2025 Muon orthogonalises in bf16 (as nanochat), which a
+  CPU without bf16 matmul units runs far slower than fp32; the 2026 Muon uses fp32 off CUDA.
+- Cost: on 2 shared cores a 2025 d4 step took 2-5 s, so the recorded runs
+  (bench/results/recipe.json: d4 --ablate, recipe_d6.json: d6) use --budget-steps 6: a check that
+  both recipes train at equal FLOPs, not yet a quality ranking (that needs hundreds of steps).
 """
 
 from __future__ import annotations
@@ -117,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depths", type=int, nargs="+", default=[4, 6])
     parser.add_argument("--budget-steps", type=int, default=100, help="the 2025 run's steps (sets the FLOPs)")
     parser.add_argument("--ablate", action="store_true", help="also each 2026 option back at 2025 (first depth)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="the results JSON")
     args = parser.parse_args(argv)
     tok, train, val = token_rows()
     token_bytes = torch.as_tensor(tok.token_bytes)
@@ -141,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"val bpb {row['val_bpb']:.4f}  loss {row['final_loss']:.4f}  {row['tok_per_s']:6d} tok/s", flush=True)
     load = os.getloadavg()
     print(f"load average after: {load}")
-    write_json(RESULTS, {"rows": rows, "load_average_after": load, "threads": torch.get_num_threads(),
+    write_json(args.out, {"rows": rows, "load_average_after": load, "threads": torch.get_num_threads(),
                          "seq": SEQ, "tokens_per_step": ROWS * SEQ, "vocab": VOCAB, "data": str(SAMPLE_DIR.name)})
     return 0
 

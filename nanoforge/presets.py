@@ -200,6 +200,12 @@ for _tag, _rx, _first in [
     _Dumper.add_implicit_resolver(_tag, re.compile(_rx), list(_first))
 
 
+def dump_yaml(tree: Any) -> str:
+    """YAML that our reader and DVC's (1.2) take back as written: yaml.safe_dump (1.1) writes '3e12' plain,
+    which both read as a float (sweep.budgets refuses that). For scripts and tests that rewrite params.yaml."""
+    return yaml.dump(tree, Dumper=_Dumper, sort_keys=False, allow_unicode=True)
+
+
 def _value_lines(section: str, key: str, value: Any) -> list[str]:
     """`key: value` as ruamel writes it inside `section:` (one line, or more for long values and collections)."""
     text = yaml.dump({section: {key: value}}, Dumper=_Dumper, default_flow_style=False, sort_keys=False,

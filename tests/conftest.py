@@ -149,9 +149,9 @@ def make_project(root: Path, params: dict | None = None) -> Path:
             for part in parents:
                 node = node[part]
             node[leaf] = value
-        from nanoforge.presets import _Dumper  # quotes what our reader would take for a number ('3e12')
+        from nanoforge.presets import dump_yaml  # quotes what our reader would take for a number ('3e12')
 
-        (root / "params.yaml").write_text(yaml.dump(tree, Dumper=_Dumper, sort_keys=False))
+        (root / "params.yaml").write_text(dump_yaml(tree))
     run(["git", "init", "-q", "-b", "main"], root)
     run(["git", "config", "user.email", "test@nanoforge"], root)
     run(["git", "config", "user.name", "nanoforge tests"], root)

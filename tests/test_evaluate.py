@@ -248,7 +248,9 @@ def test_changing_only_evaluate_params_does_not_retrain(tiny_pipeline, tmp_path)
     env = {**env, "MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]}  # this test's own store
     params = yaml.safe_load((copy / "params.yaml").read_text())
     params["evaluate"]["core_max_per_task"] = 3
-    (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    from nanoforge.presets import dump_yaml  # keeps sweep.budgets' '3e12' quoted, as params.yaml has it
+
+    (copy / "params.yaml").write_text(dump_yaml(params))
     model = (copy / "artifacts/model/model.safetensors").read_bytes()
     train_metrics = (copy / "artifacts/train/metrics.json").read_text()
     before = json.loads((copy / "artifacts/eval/details.json").read_text())

@@ -28,6 +28,7 @@ import pytest
 import yaml
 from dagster._core.definitions.data_version import StaleStatus
 
+from nanoforge.presets import dump_yaml  # quotes sweep.budgets' '3e12', which yaml.safe_dump leaves plain
 from pipelines import dvc_graph
 from pipelines.project import load_project
 from pipelines.definitions import build_definitions
@@ -418,7 +419,7 @@ def test_push_to_remote_off_leaves_push_out_of_the_nightly_job(tmp_path):
     shutil.copy(REPO / "dvc.yaml", root)
     tree = yaml.safe_load((REPO / "params.yaml").read_text())
     tree["pipeline"].update(push_to_remote=False, nightly_cron="30 1 * * 1-5", timezone="Europe/Paris")
-    (root / "params.yaml").write_text(yaml.safe_dump(tree))
+    (root / "params.yaml").write_text(dump_yaml(tree))  # the repo's: sweep.budgets stay quoted
     defs = build_definitions(root)
     assert dg.AssetKey("dvc_remote") not in defs.resolve_job_def("retrain").asset_layer.executable_asset_keys
     schedule = defs.get_schedule_def("nightly_retrain")
@@ -523,7 +524,7 @@ def test_bad_pipeline_params_fail_at_load_naming_the_key(tmp_path):
     shutil.copy(REPO / "dvc.yaml", root)
     tree = yaml.safe_load((REPO / "params.yaml").read_text())
     tree["pipeline"]["nightly_cron"] = "every night"
-    (root / "params.yaml").write_text(yaml.safe_dump(tree))
+    (root / "params.yaml").write_text(dump_yaml(tree))  # the repo's: sweep.budgets stay quoted
     with pytest.raises(ValueError, match=r"pipeline.nightly_cron='every night' is not a 5-field cron"):
         load_project(root)
 

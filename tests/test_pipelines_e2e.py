@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from pipelines import dvc_graph
+from nanoforge.presets import dump_yaml  # quotes sweep.budgets' '3e12', which yaml.safe_dump leaves plain
 from pipelines.definitions import build_definitions
 from tests.conftest import REPO, make_project, module_env, run, tool
 from tests.datagen import make_eval_bundle, make_fineweb
@@ -226,7 +227,7 @@ def test_a_train_config_error_is_the_failure_message_and_the_alert(e2e):
     try:
         tree = yaml.safe_load(original)
         tree["train"]["device_batch_size"] = 3  # 3 x 64 tokens does not divide total_batch_size 256
-        params.write_text(yaml.safe_dump(tree, sort_keys=False))
+        params.write_text(dump_yaml(tree))  # keeps sweep.budgets quoted
         defs = build_definitions(e2e.project)
         result = defs.resolve_job_def("pipeline").execute_in_process(
             instance=e2e.instance, asset_selection=[dg.AssetKey("train")], raise_on_error=False)

@@ -41,9 +41,9 @@ def params_with(tmp_path: Path, **sweep) -> Path:
 def dump(tree: dict) -> str:
     """YAML as the presets write it: '3e12' quoted (PyYAML 1.1 would write it plain, which DVC and
     our loader read as a float)."""
-    from nanoforge.presets import _Dumper
+    from nanoforge.presets import dump_yaml
 
-    return yaml.dump(tree, Dumper=_Dumper, sort_keys=False)
+    return dump_yaml(tree)
 
 
 def test_budgets_are_quoted_canonical_text(tmp_path):

@@ -135,7 +135,7 @@ def worker(scratch: Path, spec: str, seconds: float) -> dict:
     tokenizer = load_tokenizer(scratch / "tokenizer")
     torch.manual_seed(0)
     model = build_model(config_for_depth(cfg.depth, tokenizer.vocab_size, cfg.max_seq_len), device)
-    optimizers = build_optimizers(model, cfg.matrix_lr, cfg.embedding_lr, cfg.unembedding_lr)
+    optimizers = build_optimizers(model, cfg.matrix_lr, cfg.option("embedding_lr"), cfg.option("unembedding_lr"))
     print("ready", flush=True)
     sys.stdin.readline()
 
@@ -148,7 +148,7 @@ def worker(scratch: Path, spec: str, seconds: float) -> dict:
 
     def step():
         nonlocal x, y
-        loss, _, (x, y, _) = train_step(model, model, None, optimizers, loader, x, y, loader.accum, cfg.grad_clip,
+        loss, _, (x, y, _) = train_step(model, model, None, optimizers, loader, x, y, loader.accum, cfg.option("grad_clip"),
                                         1.0, 0.85, runtime)
         loss.item()
 

@@ -10,7 +10,8 @@ Notable:
   (the 2026 model has more matmul params - the gates - and fewer attention FLOPs with windows).
 - The tiny preset's shape and schedule (seq 256, 4,096 tokens per step, no warmup, 20% warmdown
   to 0, the LR keys as params.yaml), fp32, one process. The recipe switch sets only its options:
-  the LR keys are the same for both (nanochat HEAD also raised embedding_lr to 0.3, unembedding 0.008).
+  the LR and schedule keys are pinned to the 2025 values for both (PINNED; train.recipe 2026 alone
+  would also take HEAD's embedding_lr 0.3, unembedding 0.008, 40 warmup steps, 65% warmdown to 0.05, no clip).
 - Data: the shared real sample (../shared/data/fineweb_sample: shards 0-1 train, 2 val, a 4,096-token
   BPE trained on shard 0), as one BOS-separated token stream cut into rows, in the same order for
   every variant; val BPB over the first 64 rows of the val shard (nanochat's bits per byte).
@@ -76,6 +77,11 @@ def val_bpb(model, val, token_bytes) -> float:
         return (loss * (nbytes > 0)).sum().item() / math.log(2) / nbytes.sum().item()
 
 
+# the recorded results compare the recipes' options under one LR schedule: the 2025 one, for both
+PINNED = dict(embedding_lr=0.2, unembedding_lr=0.004, grad_clip=1.0, warmup_steps=0, warmdown_ratio=0.2,
+              final_lr_frac=0.0)
+
+
 def run_variant(depth: int, recipe: str, overrides: dict, steps: int, train, val, token_bytes) -> dict:
     from nanoforge.config import TrainConfig
     from nanoforge.model.gpt import build_model, config_for_depth
@@ -83,7 +89,7 @@ def run_variant(depth: int, recipe: str, overrides: dict, steps: int, train, val
         apply_schedules, build_for_config, lr_multiplier, momentum_for, set_weight_decay, weight_decay_multiplier,
     )
 
-    cfg = TrainConfig(depth=depth, recipe=recipe, num_iterations=steps, **overrides)
+    cfg = TrainConfig(depth=depth, recipe=recipe, num_iterations=steps, **{**PINNED, **overrides})
     torch.manual_seed(cfg.seed)
     model = build_model(config_for_depth(depth, VOCAB, SEQ, **cfg.model_options()))
     opts = build_for_config(model, cfg)
@@ -92,9 +98,10 @@ def run_variant(depth: int, recipe: str, overrides: dict, steps: int, train, val
         batch = train[(step * ROWS + torch.arange(ROWS)) % len(train)]
         loss = model(batch[:, :-1], batch[:, 1:])
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.option("grad_clip"))
         set_weight_decay(opts, weight_decay_multiplier(cfg, step, steps))
-        lrm = lr_multiplier(step, steps, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
+        lrm = lr_multiplier(step, steps, cfg.warmup_ratio, cfg.option("warmdown_ratio"), cfg.option("final_lr_frac"),
+                            cfg.option("warmup_steps"))
         apply_schedules(opts, lrm, momentum_for(cfg, step, steps))
         for opt in opts:
             opt.step()

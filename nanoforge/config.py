@@ -183,11 +183,16 @@ RECIPES: dict[str, dict[str, Any]] = {
     "2025": dict(value_embeds=False, window_pattern="L", lambdas=False, smear=False, backout=False, softcap=15.0,
                  init_scheme="2025", rope_base=10_000.0, qk_scale=1.0, muon_orthogonalize="newton_schulz",
                  normuon=False, muon_weight_decay=0.0, cautious_weight_decay=False, weight_decay_schedule="constant",
-                 momentum_schedule="2025", adamw_groups="2025", scalar_lr=0.5, loader="stream"),
+                 momentum_schedule="2025", adamw_groups="2025", scalar_lr=0.5, loader="stream",
+                 embedding_lr=0.2, unembedding_lr=0.004, grad_clip=1.0, warmup_steps=0, warmdown_ratio=0.2,
+                 final_lr_frac=0.0),
     "2026": dict(value_embeds=True, window_pattern="SSSL", lambdas=True, smear=True, backout=True, softcap=15.0,
                  init_scheme="2026", rope_base=100_000.0, qk_scale=1.2, muon_orthogonalize="polar_express",
                  normuon=True, muon_weight_decay=0.28, cautious_weight_decay=True, weight_decay_schedule="cosine",
-                 momentum_schedule="2026", adamw_groups="2026", scalar_lr=0.5, loader="bestfit"),
+                 momentum_schedule="2026", adamw_groups="2026", scalar_lr=0.5, loader="bestfit",
+                 # HEAD's base_train.py argparse defaults; HEAD has no gradient clipping at all
+                 embedding_lr=0.3, unembedding_lr=0.008, grad_clip=0.0, warmup_steps=40, warmdown_ratio=0.65,
+                 final_lr_frac=0.05),
 }
 RECIPE_KEYS = tuple(RECIPES["2025"])
 # the recipe options that are the model's (GPTConfig field names)
@@ -214,16 +219,23 @@ class TrainConfig(Section):
     target_param_data_ratio: float = Field(20.0, gt=0, description="tokens = ratio * params (Chinchilla), "
                                                                    "used when both above are null")
     matrix_lr: float = Field(0.02, gt=0, description="Muon, for every matrix inside the blocks")
-    embedding_lr: float = Field(0.2, gt=0, description="AdamW, scaled by (width/768)^-0.5")
-    unembedding_lr: float = Field(0.004, gt=0, description="AdamW for the LM head, scaled by (width/768)^-0.5")
+    # the LR and schedule keys marked "recipe option": null = train.recipe's value (2025 | 2026)
+    embedding_lr: float | None = Field(None, gt=0, description="AdamW, scaled by (width/768)^-0.5; recipe option "
+                                                               "(2025: 0.2, 2026: 0.3)")
+    unembedding_lr: float | None = Field(None, gt=0, description="AdamW for the LM head, scaled by (width/768)^-0.5; "
+                                                                 "recipe option (2025: 0.004, 2026: 0.008)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (embedding and LM head)")
-    grad_clip: float = Field(1.0, ge=0, description="max global grad norm, on the synchronised gradient; "
-                                                    "0 disables")
+    grad_clip: float | None = Field(None, ge=0, description="max global grad norm, on the synchronised gradient; "
+                                                            "0 disables; recipe option (2025: 1, 2026: 0 as HEAD)")
     # LR schedule: warmup, constant, linear warmdown to final_lr_frac
-    warmup_ratio: float = Field(0.0, ge=0, le=1, description="fraction of steps with linear LR warmup")
-    warmdown_ratio: float = Field(0.2, ge=0, le=1, description="fraction of steps at the end with linear LR "
-                                                               "decay to final_lr_frac")
-    final_lr_frac: float = Field(0.0, ge=0, le=1, description="LR multiplier reached at the last step")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="fraction of steps with linear LR warmup (the warmup "
+                                                             "is the longer of this and warmup_steps)")
+    warmup_steps: int | None = Field(None, ge=0, description="steps of linear LR warmup (HEAD's --warmup-steps); "
+                                                             "recipe option (2025: 0, 2026: 40)")
+    warmdown_ratio: float | None = Field(None, ge=0, le=1, description="fraction of steps at the end with linear LR "
+                                         "decay to final_lr_frac; recipe option (2025: 0.2, 2026: 0.65)")
+    final_lr_frac: float | None = Field(None, ge=0, le=1, description="LR multiplier reached at the last step; "
+                                                                      "recipe option (2025: 0, 2026: 0.05)")
     device: Device = Field("auto", description="auto (cuda > mps > cpu) | cpu | cuda | mps")
     dtype: DType = Field("auto", description="auto (bf16 on CUDA; on CPU whichever of fp32/bf16 a ~1 s probe of "
                                              "this model measures faster, cached in ~/.cache/nanoforge/dtype_probe.json: "
@@ -258,7 +270,9 @@ class TrainConfig(Section):
     # the recipe: one switch, and each of its options (null = the recipe's value; set one to override it)
     recipe: Literal["2025", "2026"] = Field("2025", description="2025 = nanochat's FineWeb-era recipe (10231df); "
                                             "2026 = nanochat HEAD's (92d63d4): sets the defaults of the options "
-                                            "below (the LR and schedule keys above are not changed by it)")
+                                            "below and of the LR/schedule keys marked recipe option above "
+                                            "(HEAD's batch-size, LR and weight-decay scaling rules are not "
+                                            "applied: set total_batch_size, the LRs and muon_weight_decay)")
     value_embeds: bool | None = Field(None, description="value embeddings on alternating layers, gated into v "
                                                         "(2025: false, 2026: true)")
     window_pattern: str | None = Field(None, description="sliding-window attention per layer, tiled: L = full "
@@ -309,9 +323,9 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self):
-        if self.warmup_ratio + self.warmdown_ratio > 1:
+        if self.warmup_ratio + self.option("warmdown_ratio") > 1:
             raise ValueError(
-                f"train.warmup_ratio ({self.warmup_ratio}) + train.warmdown_ratio ({self.warmdown_ratio}) "
+                f"train.warmup_ratio ({self.warmup_ratio}) + train.warmdown_ratio ({self.option('warmdown_ratio')}) "
                 "exceed 1: the schedule would have no room"
             )
         if self.window_pattern is not None and (not self.window_pattern or set(self.window_pattern.upper()) - set("SL")):

@@ -300,11 +300,12 @@ def train(plan: Plan, runtime, run, stop: StopFlag) -> TrainResult:
             # --- one optimizer step: micro-steps, next batch fetched during backward
             runtime.synchronize()
             t0 = time.perf_counter()
-            lrm = lr_multiplier(step, n, cfg.warmup_ratio, cfg.warmdown_ratio, cfg.final_lr_frac)
+            lrm = lr_multiplier(step, n, cfg.warmup_ratio, cfg.option("warmdown_ratio"), cfg.option("final_lr_frac"),
+                                cfg.option("warmup_steps"))
             set_weight_decay(optimizers, weight_decay_multiplier(cfg, step, n))  # Muon2026's (2026 recipe)
             try:
                 loss_sum, grad_norm, (x, y, state) = train_step(
-                    model, train_model, ddp, optimizers, loader, x, y, plan.accum, cfg.grad_clip, lrm,
+                    model, train_model, ddp, optimizers, loader, x, y, plan.accum, cfg.option("grad_clip"), lrm,
                     momentum_for(cfg, step, n), runtime,
                 )
             except NonFiniteGradient as exc:  # every rank is here: the norm was synchronised

@@ -113,9 +113,12 @@ def build_optimizers(model, matrix_lr: float, embedding_lr: float, unembedding_l
     return [adamw, muon]
 
 
-def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float, final_lr_frac: float) -> float:
-    """nanochat's schedule: linear warmup, constant, linear warmdown to final_lr_frac."""
-    warmup = round(warmup_ratio * num_iterations)
+def lr_multiplier(step: int, num_iterations: int, warmup_ratio: float, warmdown_ratio: float, final_lr_frac: float,
+                  warmup_steps: int = 0) -> float:
+    """nanochat's schedule: linear warmup, constant, linear warmdown to final_lr_frac.
+
+    The warmup is the longer of warmup_ratio (the FineWeb-era key) and warmup_steps (HEAD's)."""
+    warmup = max(round(warmup_ratio * num_iterations), warmup_steps)
     warmdown = round(warmdown_ratio * num_iterations)
     if step < warmup:
         return (step + 1) / warmup
@@ -269,11 +272,12 @@ def build_for_config(model, cfg):
     """The optimizers of train config `cfg` (its recipe options): [AdamW, Muon or Muon2026]."""
     groups = model.param_groups()
     if is_2025(cfg) and set(groups) == {"matrix", "embedding", "lm_head"}:
-        return build_optimizers(model, cfg.matrix_lr, cfg.embedding_lr, cfg.unembedding_lr, cfg.weight_decay)
+        return build_optimizers(model, cfg.matrix_lr, cfg.option("embedding_lr"), cfg.option("unembedding_lr"),
+                                cfg.weight_decay)
     s = adam_lr_scale(model.config.n_embd)
-    scalar_lr = cfg.option("scalar_lr")
-    lrs = {"lm_head": cfg.unembedding_lr * s, "embedding": cfg.embedding_lr * s,
-           "value_embeds": cfg.embedding_lr * s * 0.5, "resid": scalar_lr * 0.01, "x0": scalar_lr, "smear": SMEAR_LR}
+    scalar_lr, embedding_lr = cfg.option("scalar_lr"), cfg.option("embedding_lr")
+    lrs = {"lm_head": cfg.option("unembedding_lr") * s, "embedding": embedding_lr * s,
+           "value_embeds": embedding_lr * s * 0.5, "resid": scalar_lr * 0.01, "x0": scalar_lr, "smear": SMEAR_LR}
     adam_groups = []
     for name in ("lm_head", "embedding", "value_embeds", "resid", "x0", "smear"):
         if name not in groups:
@@ -302,7 +306,7 @@ def momentum_for(cfg, step: int, num_iterations: int) -> float:
     0.97 -> 0.90 over the LR warmdown)."""
     if cfg.option("momentum_schedule") == "2025":
         return muon_momentum(step)
-    warmdown = round(cfg.warmdown_ratio * num_iterations)
+    warmdown = round(cfg.option("warmdown_ratio") * num_iterations)
     start = num_iterations - warmdown
     if step < 400:
         frac = step / 400

@@ -37,13 +37,14 @@ INIT_ENV = "NANOFORGE_INIT_FROM"
 RUN_DIR_ENV = "NANOFORGE_RUN_DIR"  # set: the run writes {checkpoints,model,train} under it
 ONEOFF_DIR = ARTIFACTS_DIR / "oneoff"
 # the params that change the math (what compat_key holds, plus what sets the horizon)
-MATH_KEYS = ("depth", "n_kv_head", "max_seq_len", "total_batch_size", "seed", "matrix_lr", "embedding_lr",
-             "unembedding_lr", "weight_decay", "grad_clip", "warmup_ratio", "warmdown_ratio", "final_lr_frac",
-             "loader_buffer_docs", "fp8")
+# (embedding_lr, unembedding_lr, grad_clip, warmdown_ratio, final_lr_frac are recipe options: below)
+MATH_KEYS = ("depth", "n_kv_head", "max_seq_len", "total_batch_size", "seed", "matrix_lr", "weight_decay",
+             "warmup_ratio", "loader_buffer_docs", "fp8")
 HORIZON_KEYS = ("num_iterations", "target_flops", "target_param_data_ratio")
 # train.recipe and its options change the math too; compat holds their values as resolved from the recipe
 RECIPE_MATH_KEYS = ("recipe",) + RECIPE_KEYS
-# what a checkpoint written before the recipe options existed was trained with
+# what a checkpoint written before the recipe options existed was trained with (its LR and schedule
+# keys were recorded under the same names, resolved, so they come from its meta, not from here)
 RECIPE_2025_COMPAT = {"train.recipe": "2025", **{f"train.{k}": v for k, v in RECIPES["2025"].items()}}
 # ... and before train.fp8 and the best-fit buffer existed: what a checkpoint without those keys had
 LEGACY_COMPAT = {**RECIPE_2025_COMPAT, "train.loader_buffer_docs": 1000, "train.fp8": False}

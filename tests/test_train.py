@@ -210,6 +210,7 @@ def test_resume_at_another_world_size_and_device_batch(clean, template, tmp_path
         assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-3, abs=1e-5), a["step"]
 
 
+@pytest.mark.cluster  # three training runs (~20-30 s): make test-slurm, to keep make test under 10 minutes
 def test_a_changed_config_is_a_new_run_and_fresh_on_request(clean, template, tmp_path):
     # issue 15: `dvc exp run -S train.depth=6` after a finished run used to be refused under a traceback
     root = clone(template, tmp_path / "w")
@@ -371,6 +372,7 @@ def test_a_changed_tokenizer_split_pattern_never_resumes(clean, template, tmp_pa
     assert any(d.startswith("tokenizer split pattern") for d in plan.restart), plan.restart
 
 
+@pytest.mark.cluster  # three concurrent training runs (~20-30 s): make test-slurm, to keep make test under 10 minutes
 def test_one_run_at_a_time_and_a_one_off_never_writes_the_pipelines_checkpoints(template, tmp_path):
     # issue 15: a one-off `--set depth=...` while the pipeline trained wrote into its checkpoints
     root = clone(template, tmp_path / "w")
@@ -417,6 +419,7 @@ def test_checkpoints_are_no_dvc_output_and_both_tools_ignore_them():
         assert subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO).returncode == 0, path
 
 
+@pytest.mark.cluster  # several stage runs (~20-30 s): make test-slurm, to keep make test under 10 minutes
 def test_a_damaged_checkpoint_or_init_from_is_one_line_and_a_pickle_never_runs(clean, template, tmp_path):
     # issue 18.9: an UnpicklingError quoting "re-run with weights_only=False"; SafetensorError tracebacks
     from tests.test_checkpoint import Payload

@@ -520,7 +520,7 @@ class SweepConfig(Section):
 
     budgets: list[Annotated[str, BeforeValidator(_budget_text)]] = Field(
         ["3e12", "1e13", "3e13"], description="compute budgets C in training FLOPs, quoted, shortest scientific form")
-    depths: list[int] = Field([1, 2, 3, 4, 6], description="model depths per budget (at least 3: a parabola each); "
+    depths: list[int] = Field([1, 2, 3, 4], description="model depths per budget (at least 3: a parabola each); "
                                                          "5 has no shape (width 320, 3 heads)")
     core: bool = Field(False, description="also the CORE metric per cell: not yet (val BPB is the sweep's metric)")
     params_convention: Literal["total", "no_embedding", "transformer"] = Field(

@@ -275,6 +275,27 @@ def test_a_grid_without_an_interior_minimum_is_a_finding_with_the_curves_not_a_c
     assert {p.name for p in (tmp_path / "reports/sweep").glob("*.png")} == {"isoflops.png"}  # no val curves here
 
 
+def test_a_sweep_of_a_model_the_grid_cannot_count_is_refused_naming_the_keys(tmp_path):
+    path = params_with(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["train"]["recipe"] = "2026"
+    path.write_text(dump(raw))
+    with pytest.raises(ConfigError, match=r"does not know train.value_embeds=True, train.window_pattern='SSSL' "
+                                          r"\(train.recipe: 2026\); set train.value_embeds: False, "
+                                          r"train.window_pattern: 'L' for a sweep"):
+        grid_of(load_params(path))
+    raw["train"].update(value_embeds=False, window_pattern="L")  # the rest of 2026 (optimizer, lambdas...) is fine
+    path.write_text(dump(raw))
+    assert grid_of(load_params(path))
+
+
 def test_core_per_cell_is_refused_not_ignored(tmp_path):
     with pytest.raises(ConfigError, match=r"sweep\.core: true is not supported yet"):
         load_params(params_with(tmp_path, core=True))
+
+
+def test_the_default_grid_is_a_valid_grid():
+    # params.yaml's sweep: section must be runnable as it is (its depth 6 once had 9 steps at 3e12: refused)
+    from tests.conftest import REPO
+
+    assert len(grid_of(load_params(REPO / "params.yaml"))) == 12

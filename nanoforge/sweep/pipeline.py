@@ -34,9 +34,21 @@ RUN_DIR_ENV = "NANOFORGE_RUN_DIR"  # training/plan.py reads it (kept in step wit
 CELL_FILE = "cell.json"
 
 
+# the model options whose params or FLOPs the grid's torch-free count (grid.py, the 2025 shape rule) lacks
+SHAPE_OPTIONS = ("value_embeds", "window_pattern")
+
+
 def grid_of(params: Params) -> list[Cell]:
     """Every cell of params.yaml's sweep, or a ConfigError naming the cell and the key."""
     sw, train = params.sweep, params.train
+    from nanoforge.config import RECIPES
+
+    base = RECIPES["2025"]
+    changed = [f"train.{k}={train.option(k)!r}" for k in SHAPE_OPTIONS if train.option(k) != base[k]]
+    if changed:  # refused, not ignored: the fit's N and each cell's steps would be the 2025 model's
+        fix = ", ".join(f"train.{k}: {base[k]!r}" for k in SHAPE_OPTIONS)
+        raise ConfigError(f"the sweep counts params and FLOPs per cell with the 2025 shape rule, which does not "
+                          f"know {', '.join(changed)} (train.recipe: {train.recipe}); set {fix} for a sweep")
     try:
         return build_grid([float(b) for b in sw.budgets], sw.depths, vocab_size(params), train.max_seq_len,
                           train.total_batch_size, train.n_kv_head, min_steps=sw.min_steps)

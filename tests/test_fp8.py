@@ -9,22 +9,8 @@ import torch
 import torch.nn as nn
 
 from nanoforge.model import fp8
+from tests.test_recipe2026 import nanochat_head  # the checkout in NANOFORGE_NANOCHAT_HEAD, or a skip
 from tests.test_train import template  # noqa: F401  (the module fixture: shards and a tokenizer)
-
-
-HEAD_ENV = "NANOFORGE_NANOCHAT_HEAD"  # as in tests/test_recipe2026.py
-
-
-def nanochat_head():
-    """Import nanochat from the checkout in $NANOFORGE_NANOCHAT_HEAD, or skip saying why."""
-    import os
-    import sys
-    from pathlib import Path
-
-    path = os.environ.get(HEAD_ENV)
-    if not path or not (Path(path) / "nanochat" / "fp8.py").exists():
-        pytest.skip(f"set {HEAD_ENV} to a checkout of karpathy/nanochat with nanochat/fp8.py (checked at 92d63d4)")
-    sys.path.insert(0, path)
 
 
 def operands(seed: int = 0):
@@ -42,8 +28,8 @@ def run(matmul, x, w, grad):
     return out, x.grad, w.grad
 
 
-def test_the_three_matmuls_are_nanochats_bit_for_bit():
-    nanochat_head()  # skips with the reason when no checkout is given
+def test_the_three_matmuls_are_nanochats_bit_for_bit(monkeypatch):
+    nanochat_head(monkeypatch)  # skips with the reason when no checkout is given
     from nanochat.fp8 import _Float8Matmul as Theirs
 
     ops = operands()

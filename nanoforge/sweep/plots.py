@@ -35,6 +35,18 @@ def _colours(budgets: Sequence[float]) -> dict[float, tuple]:
     return {b: cmap(0.1 + 0.8 * i / max(1, len(order) - 1)) for i, b in enumerate(order)}
 
 
+def _finish_isoflops(fig, ax, path: Path, title: str) -> bool:
+    """Val BPB against params N (log), one legend entry per budget."""
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters N")
+    ax.set_ylabel("val bits per byte")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    return True
+
+
 def isoflops(fit: ScalingFit, path: Path) -> bool:
     """Val BPB against params per budget, the fitted parabola and its minimum."""
     if not fit.curves:
@@ -49,14 +61,7 @@ def isoflops(fit: ScalingFit, path: Path) -> bool:
         ax.scatter(n, y, color=colour, s=18, zorder=3)
         ax.plot(np.exp(grid), np.polyval(c.coeffs, grid), color=colour, linewidth=1.3, label=f"C = {c.budget:.3g}")
         ax.scatter([c.n_star], [c.bpb_star], marker="*", s=140, color=colour, edgecolor="black", zorder=4)
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters N")
-    ax.set_ylabel("val bits per byte")
-    ax.set_title("IsoFLOP curves (stars: fitted minima N*)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    _save(fig, path)
-    return True
+    return _finish_isoflops(fig, ax, path, "IsoFLOP curves (stars: fitted minima N*)")
 
 
 def frontier(fit: ScalingFit, path: Path) -> bool:
@@ -97,14 +102,7 @@ def isoflop_points(rows: Sequence[Mapping], params_key: str, path: Path) -> bool
         mine = sorted((float(r[params_key]), float(r["val_bpb"])) for r in rows if float(r["budget"]) == budget)
         ax.plot([n for n, _ in mine], [y for _, y in mine], color=colours[budget], marker="o", linewidth=1.0,
                 label=f"C = {budget:.3g}")
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters N")
-    ax.set_ylabel("val bits per byte")
-    ax.set_title("IsoFLOP curves as measured (no fit: see the page)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    _save(fig, path)
-    return True
+    return _finish_isoflops(fig, ax, path, "IsoFLOP curves as measured (no fit: see the page)")
 
 
 def bpb_vs_flops(cells: Sequence[Mapping], path: Path) -> bool:

@@ -100,6 +100,26 @@ def test_loss_reductions_and_ignore_index():
     assert (model(idx, masked, loss_reduction="none")[:, :4] == 0).all()
 
 
+@pytest.mark.parametrize("T", [7, 128, 300])
+def test_cpu_attention_is_sdpa_causal(T):
+    # causal_attention_cpu (the CPU training path) against PyTorch's kernel: values and gradients,
+    # at a length inside one block, exactly one, and over blocks of uneven size (128, 128, 44)
+    from nanoforge.model.gpt import causal_attention_cpu
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, T, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    ours = causal_attention_cpu(q, k, v)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert ours.dtype == q.dtype and torch.allclose(ours, ref, atol=1e-6)
+    g = torch.randn_like(ref)
+    assert all(torch.allclose(a, b, atol=1e-6)
+               for a, b in zip(torch.autograd.grad(ours, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)))
+    # bf16: within what bf16 flash attention itself is off from the fp64 answer (x3)
+    qb, kb, vb = (t.detach().bfloat16() for t in (q, k, v))
+    flash = (torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, is_causal=True).double() - ref).abs().max()
+    assert (causal_attention_cpu(qb, kb, vb).double() - ref).abs().max() <= 3 * flash + 1e-3
+
+
 def test_causal_and_rotary_positions():
     # a later token never changes earlier logits; the same token at another position gets other logits
     torch.manual_seed(0)

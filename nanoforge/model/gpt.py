@@ -3,7 +3,9 @@
 Notable:
 - Rotary embeddings (base 10,000), no learned positions; QK norm after RoPE.
 - Grouped-query attention: `n_kv_head` key/value heads shared by the query heads;
-  attention is `scaled_dot_product_attention` (causal).
+  attention is `scaled_dot_product_attention` (causal), except plain causal attention
+  without GQA on a CPU: explicit matmuls in query blocks (`causal_attention_cpu`), 2x
+  faster than PyTorch's CPU flash kernel in bf16 (the same math to float tolerance).
 - Parameter-free RMSNorm after the embedding, before each sublayer, before the head.
 - MLP 4x with ReLU^2; no biases anywhere; embedding and LM head untied.
 - Logits are softcapped as 15*tanh(x/15) in float32. The vocabulary is padded to
@@ -85,6 +87,29 @@ def window_masks(windows: list[int], T: int, device) -> dict[int, torch.Tensor |
     return masks
 
 
+CPU_ATTENTION_BLOCK = 128  # query rows per block of causal_attention_cpu
+
+
+def causal_attention_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention (B, H, T, D) as explicit matmuls, the queries in blocks of 128 rows.
+
+    Why: on a CPU, PyTorch's flash-attention kernel runs at a fraction of the matmul peak (at
+    nanochat's CPU point, seq 256 and head_dim 128, it was 20% of the bf16 step). Plain matmuls
+    reach the peak, and block i of the queries only needs keys 0..end of block i, so the masked
+    upper triangle is mostly skipped (3/4 of the full work at two blocks). Scores and softmax are
+    fp32; the probabilities go back to q's dtype for the PV matmul, as flash attention does.
+    Same math as `scaled_dot_product_attention(is_causal=True)` (test_gpt checks it)."""
+    T, scale = q.size(2), q.size(-1) ** -0.5
+    out = []
+    for start in range(0, T, CPU_ATTENTION_BLOCK):
+        end = min(T, start + CPU_ATTENTION_BLOCK)
+        scores = (q[:, :, start:end] @ k[:, :, :end].transpose(-2, -1)).float() * scale
+        visible = torch.ones(end - start, end, dtype=torch.bool, device=q.device).tril(start)
+        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1).to(v.dtype)
+        out.append(probs @ v[:, :, :end])
+    return out[0] if len(out) == 1 else torch.cat(out, 2)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
@@ -114,7 +139,9 @@ class CausalSelfAttention(nn.Module):
             q, k = q * self.qk_scale, k * self.qk_scale
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         gqa = self.n_head != self.n_kv_head
-        if mask is None:
+        if mask is None and not gqa and q.device.type == "cpu":
+            y = causal_attention_cpu(q, k, v)
+        elif mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)

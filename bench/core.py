@@ -1,7 +1,7 @@
 """CORE and BPB evaluation speed, nanochat's evaluator vs ours, same model, same items, this CPU.
 
     python -m bench.core --against /path/to/nanochat          # a checkout of karpathy/nanochat (or NANOCHAT_DIR)
-    python -m bench.core --against ../nanochat --items 50 --rounds 3 --context 256
+    python -m bench.core --against ../nanochat --items 20 --rounds 2 --context 256
 
 Notable:
 - nanochat's own code is imported from the checkout (`nanochat.core_eval.evaluate_example`,
@@ -232,7 +232,10 @@ def main(argv=None) -> int:
     parser.add_argument("--items", type=int, default=50, help="items per task")
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256, help="the model's training context")
-    parser.add_argument("--context", type=int, default=None, help="crop rows to this many tokens (default: --seq)")
+    # 2048, nanochat's context: its evaluator asserts (core_eval.py "this should never happen right?") when a crop
+    # reaches into an item's continuation, which 50 items per task at a crop of 256 do (piqa)
+    parser.add_argument("--context", type=int, default=2048, help="crop rows to this many tokens (nanochat's "
+                                                                 "context: 2048)")
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--batch", type=int, default=8, help="device_batch_size: batch_tokens = batch * seq")
     parser.add_argument("--rounds", type=int, default=3)
@@ -251,7 +254,7 @@ def main(argv=None) -> int:
         parser.error("--items must be at least 11: nanochat samples 10 few-shot examples from the other items")
     if args.threads:
         torch.set_num_threads(args.threads)
-    max_len = args.context or args.seq
+    max_len = args.context
     batch_tokens = args.batch * args.seq
     runtime = Runtime(torch.device("cpu"), torch.float32)  # fp32: the comparison is about the evaluator
     tok, tok_source = tokenizer(args.vocab)
